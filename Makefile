@@ -1,0 +1,41 @@
+# The README's commands. `make run` and `make test` create the virtual environment on first use
+# (torch CPU build first, deepspeed with --no-build-isolation, then the suite) and skip the
+# install in well under a second afterwards.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PRESET ?= small
+OUT    ?= runs/latest
+export GX_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export DS_ACCELERATOR := cpu
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run test test-slow bench compile lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt --no-build-isolation deepspeed
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+run: $(STAMP)  ## the whole pipeline on built-in sample data, locally (kfp.local)
+	$(BIN)/distillery run --preset $(PRESET) --out $(OUT)
+
+test: $(STAMP)  ## the default test suite (well under 20 minutes on 2 cores)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)  ## the slow suites only
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)  ## every benchmark script, each printing its table
+	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+compile: $(STAMP)  ## the IR YAML that the Kubeflow UI uploads
+	$(BIN)/distillery compile --preset $(PRESET) --out pipeline.yaml
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,117 @@
+"""What a step leaves behind: an output folder that appears whole or not at all, and its manifest.
+
+Every step writes into a temporary sibling of its output folder and renames it into place only
+when everything succeeded, so a failed or killed step never leaves a half-written output (DVC,
+KFP and the CLI all see either the previous complete output or the new one). Inside, the step
+writes `manifest.json`: input hashes, parameters, code version and metrics (lineage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_path(path: str | os.PathLike) -> str:
+    """Hash of a file, or of a folder's files (names and contents, in sorted order)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for sub in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(sub.relative_to(path)).encode() + b"\0" + sha256_file(sub).encode())
+    return h.hexdigest()
+
+
+def code_version() -> dict[str, str]:
+    """The package version and, when run from a git checkout, the commit and whether it is dirty."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        info = {"package": version("distillery")}
+    except PackageNotFoundError:
+        info = {"package": "unknown"}
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        info["git_commit"] = commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success it replaces `final`, on error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists() or final.is_symlink():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; renamed over it on success, removed on error."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, final)
+
+
+def manifest(step: str, inputs: dict[str, str | os.PathLike], params: dict[str, Any],
+             metrics: dict[str, Any], outputs: dict[str, str | os.PathLike]) -> dict[str, Any]:
+    """The lineage record of one step run: what went in (hashed), with what, what came out."""
+    return {
+        "step": step,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "code": code_version(),
+        "inputs": {name: {"path": str(p), "sha256": sha256_path(p)} for name, p in inputs.items()},
+        "params": params,
+        "metrics": metrics,
+        # outputs sit beside the manifest: recorded by name, so the record survives the rename
+        "outputs": {name: {"file": Path(p).name, "sha256": sha256_path(p)} for name, p in outputs.items()},
+    }
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")

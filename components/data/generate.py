@@ -1,0 +1,281 @@
+"""Synthetic, verifiable arithmetic word problems with injected noise and its ground truth.
+
+    distillery data generate --out data/sample/raw.jsonl --rows 2000 --noise 0.2 --seed 0
+
+Each clean row is a short story of 1..max_ops operations on a count of things, a worked response
+in GSM8K's style (`<<a+b=c>>` calculator marks, final line `#### <answer>`), and the answer.
+A fraction `noise` of the rows is noise of several kinds, and `<out>.truth.jsonl` says for every
+row whether it is noise and of which kind, so the validator and the filters can be measured:
+
+- wrong_answer: the final answer is wrong (changed at the end, an intermediate step miscomputed
+  and carried through, or the answer of another problem);
+- exact_duplicate: a copy of an earlier row (verbatim, or differing in case and spacing only);
+- near_duplicate: an earlier row with a word or two changed;
+- empty: empty or whitespace-only prompt or response, or a null;
+- garbage: random characters, mojibake or a repeated-character run instead of text;
+- broken_field: an answer that is no number, a response without its `####` line, or an answer
+  field that disagrees with the response.
+
+The same seed, rows, noise and kinds give the same bytes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.data.config import GenerateConfig
+
+NOISE_KINDS = ("wrong_answer", "exact_duplicate", "near_duplicate", "empty", "garbage", "broken_field")
+
+NAMES = ["Alice", "Bob", "Carmen", "Deepak", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas",
+         "Kemi", "Liam", "Mei", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq"]
+ITEMS = ["apples", "marbles", "books", "coins", "stickers", "pencils", "shells", "cards",
+         "stamps", "cookies", "buttons", "beads", "tickets", "plums", "candles"]
+FRIENDS = ["her cousin", "a neighbour", "his sister", "a classmate", "the teacher", "a friend"]
+
+# op -> phrasings; {n} is the operand, {name}, {item}, {friend} the story's words
+PHRASES = {
+    "+": ["{name} buys {n} more {item}.", "{name} finds {n} more {item} in a drawer.",
+          "{friend} gives {name} {n} {item}."],
+    "-": ["{name} gives {n} {item} to {friend}.", "{name} loses {n} {item} on the way home.",
+          "{name} sells {n} of the {item}."],
+    "*": ["{name} ends up with {n} times as many {item} after a lucky trade.",
+          "Every one of the {item} is swapped for {n} new ones."],
+    "/": ["{name} splits the {item} into {n} equal piles and keeps one pile.",
+          "{name} shares the {item} equally with friends, {n} people in all, and keeps one share."],
+}
+STEP_WORDS = {"+": "adds", "-": "takes away", "*": "multiplies by", "/": "divides by"}
+
+
+@dataclass
+class Problem:
+    prompt: str
+    response: str
+    answer: str
+    steps: list[tuple[int, str, int, int]]  # (left, op, right, result)
+
+
+def make_problem(rng: random.Random, max_ops: int) -> Problem:
+    name, item, friend = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(FRIENDS)
+    start = rng.randint(2, 60)
+    cur, sentences, steps = start, [], []
+    for _ in range(rng.randint(1, max_ops)):
+        op = rng.choice("+-*/" if cur < 500 else "-/")
+        if op == "+":
+            n = rng.randint(1, 50)
+            new = cur + n
+        elif op == "-":
+            if cur < 2:
+                op, n, new = "+", rng.randint(1, 20), None
+                new = cur + n
+            else:
+                n = rng.randint(1, cur - 1)
+                new = cur - n
+        elif op == "*":
+            n = rng.randint(2, 5)
+            new = cur * n
+        else:
+            divisors = [d for d in range(2, 10) if cur % d == 0]
+            if not divisors:
+                op, n = "+", rng.randint(1, 20)
+                new = cur + n
+            else:
+                n = rng.choice(divisors)
+                new = cur // n
+        sentence = rng.choice(PHRASES[op]).format(n=n, name=name, item=item, friend=friend)
+        sentences.append(sentence[0].upper() + sentence[1:])
+        steps.append((cur, op, n, new))
+        cur = new
+    prompt = f"{name} has {start} {item}. " + " ".join(sentences) + f" How many {item} does {name} have now?"
+    return Problem(prompt, render_response(name, item, start, steps), str(cur), steps)
+
+
+def render_response(name: str, item: str, start: int, steps: list[tuple[int, str, int, int]]) -> str:
+    lines = [f"{name} starts with {start} {item}."]
+    for left, op, right, result in steps:
+        lines.append(f"{name} {STEP_WORDS[op]} {right}: {left} {op} {right} = <<{left}{op}{right}={result}>>{result}.")
+    lines.append(f"#### {steps[-1][3]}")
+    return "\n".join(lines)
+
+
+def _story_words(prompt: str) -> tuple[str, str]:
+    words = prompt.split()
+    return words[0], words[3].rstrip(".")  # "{name} has {start} {item}."
+
+
+# ---- noise ------------------------------------------------------------------------------------
+
+def _wrong_answer(rng: random.Random, p: Problem, other: Problem) -> tuple[dict, str]:
+    how = rng.random()
+    if how < 0.4:  # the final answer is off
+        true = int(p.answer)
+        wrong = true + rng.choice([-1, 1]) * rng.randint(1, max(3, true // 3 + 1))
+        if wrong == true:
+            wrong += 1
+        response = p.response.rsplit("####", 1)[0] + f"#### {wrong}"
+        return {"prompt": p.prompt, "response": response, "answer": str(wrong)}, "final answer changed"
+    if how < 0.8:  # an intermediate step miscomputed, the error carried to the end
+        k = rng.randrange(len(p.steps))
+        steps, carried = [], None
+        for i, (left, op, right, result) in enumerate(p.steps):
+            if carried is not None:
+                left = carried
+                result = {"+": left + right, "-": left - right, "*": left * right}.get(op, left // right if right else left)
+            if i == k:
+                result += rng.choice([-1, 1]) * rng.randint(1, 9)
+            steps.append((left, op, right, result))
+            carried = result
+        name, item = _story_words(p.prompt)
+        response = render_response(name, item, p.steps[0][0], steps)
+        return {"prompt": p.prompt, "response": response, "answer": str(steps[-1][3])}, f"step {k + 1} miscomputed"
+    return {"prompt": p.prompt, "response": other.response, "answer": other.answer}, "answer of another problem"
+
+
+def _near_duplicate(rng: random.Random, row: dict) -> tuple[dict, str]:
+    prompt = row["prompt"]
+    how = rng.random()
+    if how < 0.34:
+        prompt = prompt.replace(" How many", " Now, how many", 1)
+        detail = "filler word added"
+    elif how < 0.67:
+        prompt = prompt.replace(" has ", " owns ", 1)
+        detail = "verb swapped"
+    else:
+        prompt = prompt.replace(".", "!", 1).replace(" now?", " at the end?", 1)
+        detail = "punctuation and ending changed"
+    return {**row, "prompt": prompt}, detail
+
+
+def _empty(rng: random.Random, row: dict) -> tuple[dict, str]:
+    field = rng.choice(["prompt", "response"])
+    value = rng.choice(["", "   ", "\n\t ", None])
+    return {**row, field: value}, f"{field} empty ({value!r})"
+
+
+def _garbage(rng: random.Random, row: dict) -> tuple[dict, str]:
+    how = rng.random()
+    if how < 0.4:
+        alphabet = "qwrtzpsdfghjklxcvbnm#$%&*@!~^0123456789"
+        text = "".join(rng.choice(alphabet + " ") for _ in range(rng.randint(30, 120)))
+        detail = "random characters"
+    elif how < 0.7:
+        text = row["prompt"].encode("utf-8").decode("latin-1").replace("a", "Ã¤").replace("e", "Ã©")
+        text = "".join(ch if rng.random() > 0.3 else "\ufffd" for ch in text)
+        detail = "mojibake"
+    else:
+        text = rng.choice("a!x?") * rng.randint(40, 200)
+        detail = "repeated character"
+    return {**row, "prompt": text}, detail
+
+
+def _broken_field(rng: random.Random, row: dict) -> tuple[dict, str]:
+    how = rng.random()
+    if how < 0.35:
+        return {**row, "answer": rng.choice(["N/A", "twelve", "?", "see above"])}, "answer is no number"
+    if how < 0.7:
+        return {**row, "response": row["response"].rsplit("\n####", 1)[0]}, "response has no #### line"
+    return {**row, "answer": str(int(row["answer"]) + rng.randint(1, 20))}, "answer field disagrees with response"
+
+
+def generate(cfg: GenerateConfig) -> tuple[list[dict], list[dict]]:
+    """(rows, truth): `cfg.rows` rows and, for each, {id, noise, kind, detail}."""
+    rng = random.Random(cfg.seed)
+    n_noise = round(cfg.rows * cfg.noise)
+    kinds = [k for k in NOISE_KINDS if cfg.noise_kinds.get(k, 0) > 0]
+    weights = [cfg.noise_kinds[k] for k in kinds]
+    noise_plan = rng.choices(kinds, weights=weights, k=n_noise) if n_noise else []
+    n_clean = cfg.rows - n_noise
+
+    clean, seen = [], set()
+    while len(clean) < n_clean:
+        p = make_problem(rng, cfg.max_ops)
+        if p.prompt not in seen:  # clean rows are distinct problems
+            seen.add(p.prompt)
+            clean.append(p)
+    spare = [make_problem(rng, cfg.max_ops) for _ in range(max(1, n_noise))]  # sources for noise
+
+    entries: list[tuple[dict, dict]] = [
+        ({"prompt": p.prompt, "response": p.response, "answer": p.answer},
+         {"noise": False, "kind": None, "detail": None}) for p in clean]
+    for i, kind in enumerate(noise_plan):
+        source = spare[i % len(spare)]
+        base = {"prompt": source.prompt, "response": source.response, "answer": source.answer}
+        if kind in ("exact_duplicate", "near_duplicate") and entries:
+            pos = rng.randrange(len(entries))
+            original, _ = entries[pos]
+            if original["prompt"] is None or original["response"] is None:
+                original = {"prompt": clean[0].prompt, "response": clean[0].response, "answer": clean[0].answer}
+                pos = 0
+            if kind == "exact_duplicate":
+                row = dict(original)
+                if rng.random() < 0.5:
+                    row["prompt"] = "  " + row["prompt"].upper().replace(" ", "  ") + " "
+                    detail = "copy differing in case and spacing"
+                else:
+                    detail = "verbatim copy"
+            else:
+                row, detail = _near_duplicate(rng, original)
+            insert_at = rng.randint(pos + 1, len(entries))  # always after its original
+        else:
+            if kind == "wrong_answer":
+                row, detail = _wrong_answer(rng, source, rng.choice(clean) if clean else source)
+            else:
+                row, detail = {"empty": _empty, "garbage": _garbage, "broken_field": _broken_field}[kind](rng, base)
+            insert_at = rng.randint(0, len(entries))
+        entries.insert(insert_at, (row, {"noise": True, "kind": kind, "detail": detail}))
+
+    width = max(6, len(str(cfg.rows)))
+    rows, truth = [], []
+    for i, (row, t) in enumerate(entries):
+        rid = f"syn-{cfg.seed}-{i:0{width}d}"
+        rows.append({"id": rid, "prompt": row["prompt"], "response": row["response"], "answer": row["answer"]})
+        truth.append({"id": rid, **t})
+    return rows, truth
+
+
+def truth_path(out: str | Path) -> Path:
+    """Where the ground truth of a generated file lives: beside it, `<stem>.truth.jsonl`."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".truth.jsonl")
+
+
+def run(cfg: GenerateConfig, out: str | Path) -> dict:
+    """The `generate` step: write `out`, its truth file and its manifest, each whole.
+
+    The three files are made in a temporary folder beside `out` and renamed into place, the
+    manifest last, so a reader never sees a half-written file.
+    """
+    import os
+    import shutil
+    import tempfile
+    from collections import Counter
+
+    from components.artifacts import manifest, write_json
+    from components.config import to_dict
+    from components.data.load import write_jsonl
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows, truth = generate(cfg)
+    kinds = Counter(t["kind"] for t in truth if t["noise"])
+    metrics = {"rows": len(rows), "noise_rows": sum(kinds.values()),
+               **{f"noise_{k}": v for k, v in sorted(kinds.items())}}
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        files = {"rows": stage / out.name, "truth": stage / truth_path(out).name}
+        write_jsonl(files["rows"], rows)
+        write_jsonl(files["truth"], truth)
+        man = stage / manifest_path(out).name
+        write_json(man, manifest("generate", {}, to_dict(cfg), metrics, files))
+        for f in (*files.values(), man):
+            os.replace(f, out.parent / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return metrics
+
+
+def manifest_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".manifest.json")

@@ -1,0 +1,198 @@
+"""Read raw records (JSONL, Parquet, CSV, plain text) into canonical rows, strictly.
+
+A canonical row is a dict with four string fields: `id`, `prompt`, `response`, `answer` (any of
+the last three may be None when the source leaves it empty; the validator quarantines those).
+The loader refuses anything structural, naming the file, the line (or row) and the field:
+undecodable UTF-8, a malformed JSON line, a record over `max_record_bytes`, a missing or extra
+column, a value of the wrong type, an empty file. Content problems (empty text, an answer that
+does not parse) are left to the validator, which quarantines rows instead of failing the batch.
+
+GSM8K maps as `fields: {prompt: question, response: answer}`: no answer column, so the answer
+is read after the `####` marker of the response; no id column, so the id is a content hash.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from components.data.config import SourceConfig
+
+CANONICAL = ("id", "prompt", "response", "answer")
+Row = dict[str, Any]
+
+SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
+                  ".pq": "parquet", ".csv": "csv", ".txt": "text", ".text": "text"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and, where there is one, the line and field."""
+
+
+def content_id(prompt: str | None, response: str | None) -> str:
+    """A stable id from the content: identical rows share it, so they can never straddle splits."""
+    digest = hashlib.sha1(f"{prompt or ''}\x1f{response or ''}".encode("utf-8")).hexdigest()
+    return "h" + digest[:16]
+
+
+def final_answer(response: str | None, marker: str = "####") -> str | None:
+    """The text after the last `marker` in `response`, stripped; None when there is no marker."""
+    if not response or marker not in response:
+        return None
+    text = response.rsplit(marker, 1)[1].strip()
+    return text or None
+
+
+def detect_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    try:
+        return SUFFIX_FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise DataError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
+                        f"set source.format to one of jsonl, parquet, csv, text") from None
+
+
+def _canonical(record: dict[str, Any], cfg: SourceConfig, where: str) -> Row:
+    """Map one source record onto the canonical row, checking columns and value types."""
+    mapped = set(cfg.fields.values())
+    missing = [col for col in cfg.fields.values() if col not in record]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {', '.join(map(repr, missing))}")
+    if cfg.strict_columns:
+        extra = [col for col in record if col not in mapped]
+        if extra:
+            raise DataError(f"{where}: unexpected column(s) {', '.join(map(repr, extra))}; "
+                            f"map them in source.fields or set source.strict_columns: false")
+    row: Row = {}
+    for name, col in cfg.fields.items():
+        value = record[col]
+        if value is None or isinstance(value, str):
+            row[name] = value
+        elif name in ("id", "answer") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[name] = str(value)  # numeric ids and answers are fine, kept as text
+        else:
+            raise DataError(f"{where}: field {col!r} must be a string, got {type(value).__name__} {_short(value)}")
+    if "answer" not in cfg.fields:
+        row["answer"] = final_answer(row["response"], cfg.answer_marker)
+    if "id" not in cfg.fields or row.get("id") in (None, ""):
+        row["id"] = content_id(row["prompt"], row["response"])
+    return {key: row[key] for key in CANONICAL}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: invalid UTF-8 at byte {err.start} ({raw[err.start:err.start + 4]!r})") from None
+
+
+def _iter_jsonl(path: Path, cfg: SourceConfig) -> Iterator[Row]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            if len(raw) > cfg.max_record_bytes:
+                raise DataError(f"{where}: record is {len(raw):,} bytes, over source.max_record_bytes "
+                                f"({cfg.max_record_bytes:,})")
+            text = _decode(raw, where).strip()
+            if not text:
+                continue  # blank lines are allowed between records
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: malformed JSON at column {err.colno}: {err.msg}") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield _canonical(record, cfg, where)
+
+
+def _iter_csv(path: Path, cfg: SourceConfig) -> Iterator[Row]:
+    raw = path.read_bytes()
+    text = _decode(raw, str(path))
+    csv.field_size_limit(max(cfg.max_record_bytes, 1024))
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = reader.fieldnames
+        if header is None:
+            return
+        if len(set(header)) != len(header):
+            raise DataError(f"{path}:1: duplicate column names in header {header}")
+        for record in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in record:  # more cells than header columns
+                raise DataError(f"{where}: row has more cells than the header's {len(header)} columns")
+            if any(v is None for v in record.values()):
+                raise DataError(f"{where}: row has fewer cells than the header's {len(header)} columns")
+            yield _canonical({k: (v if v != "" else None) for k, v in record.items()}, cfg, where)
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV: {err}") from None
+
+
+def _iter_parquet(path: Path, cfg: SourceConfig) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file: {err}") from None
+    for name in cfg.fields.values():
+        if name not in table.column_names:
+            raise DataError(f"{path}: missing column {name!r} (columns: {table.column_names})")
+        col_type = table.schema.field(name).type
+        ok = pa.types.is_string(col_type) or pa.types.is_large_string(col_type) or pa.types.is_null(col_type)
+        numeric_ok = name in (cfg.fields.get("id"), cfg.fields.get("answer")) and (
+            pa.types.is_integer(col_type) or pa.types.is_floating(col_type))
+        if not (ok or numeric_ok):
+            raise DataError(f"{path}: column {name!r} has type {col_type}, expected string")
+    for i, record in enumerate(table.to_pylist()):
+        yield _canonical(record, cfg, f"{path}: row {i}")
+
+
+def _iter_text(path: Path, cfg: SourceConfig) -> Iterator[Row]:
+    text = _decode(path.read_bytes(), str(path))
+    step = cfg.text_chunk_chars
+    for start in range(0, len(text), step):
+        chunk = text[start:start + step]
+        if chunk.strip():
+            yield {"id": content_id(chunk, f"@{start}"), "prompt": chunk, "response": "", "answer": None}
+
+
+def iter_rows(path: str | os.PathLike, cfg: SourceConfig | None = None) -> Iterator[Row]:
+    """Canonical rows of `path`, lazily; raises DataError on the first structural problem."""
+    cfg = cfg or SourceConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    fmt = detect_format(path, cfg.format)
+    readers = {"jsonl": _iter_jsonl, "csv": _iter_csv, "parquet": _iter_parquet, "text": _iter_text}
+    yield from readers[fmt](path, cfg)
+
+
+def load_rows(path: str | os.PathLike, cfg: SourceConfig | None = None) -> list[Row]:
+    """All canonical rows of `path`; an input with no records is an error."""
+    rows = list(iter_rows(path, cfg))
+    if not rows:
+        raise DataError(f"{path}: the file holds no records")
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Row]) -> int:
+    """Write rows as JSON lines (UTF-8, keys in order); returns the count."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
