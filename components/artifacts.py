@@ -115,3 +115,12 @@ def manifest(step: str, inputs: dict[str, str | os.PathLike], params: dict[str, 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+
+
+def finish(out_dir: str | os.PathLike, step: str, inputs: dict[str, str | os.PathLike], params: dict[str, Any],
+           metrics: dict[str, Any], outputs: dict[str, str | os.PathLike]) -> None:
+    """Close a step's (temporary) output folder: `metrics.json` (flat, for `dvc metrics`) and
+    `manifest.json` (lineage), written last."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / MANIFEST, manifest(step, inputs, params, metrics, outputs))

@@ -24,6 +24,8 @@ class SourceConfig:
     )
     """Canonical name -> source column. `prompt` and `response` are required; `id` and `answer`
     may be left out: the id is then a hash of the content, the answer is read after the marker."""
+    keep_columns: list[str] = field(default_factory=list)
+    """Further columns carried through unchanged when a record has them (e.g. `weight`)."""
     answer_marker: str = "####"
     """The final answer is the text after the last occurrence of this marker in the response."""
     strict_columns: bool = True
@@ -116,6 +118,10 @@ class FilterConfig:
     """Words per shingle for near-duplicate detection."""
     num_perm: int = 128
     """MinHash permutations (more is more exact and slower)."""
+    near_dup_same_numbers: bool = True
+    """A near-duplicate must also carry the same numbers as the row it repeats (as a multiset):
+    in math data a problem with other numbers is another question with another answer, even
+    when only one word differs. Set false for plain text, where numbers are incidental."""
     min_words: int = 3
     """Quality: prompts with fewer words are dropped."""
     max_words: int = 1000

@@ -109,14 +109,7 @@ def _story_words(prompt: str) -> tuple[str, str]:
 
 def _wrong_answer(rng: random.Random, p: Problem, other: Problem) -> tuple[dict, str]:
     how = rng.random()
-    if how < 0.4:  # the final answer is off
-        true = int(p.answer)
-        wrong = true + rng.choice([-1, 1]) * rng.randint(1, max(3, true // 3 + 1))
-        if wrong == true:
-            wrong += 1
-        response = p.response.rsplit("####", 1)[0] + f"#### {wrong}"
-        return {"prompt": p.prompt, "response": response, "answer": str(wrong)}, "final answer changed"
-    if how < 0.8:  # an intermediate step miscomputed, the error carried to the end
+    if 0.4 <= how < 0.8:  # an intermediate step miscomputed, the error carried to the end
         k = rng.randrange(len(p.steps))
         steps, carried = [], None
         for i, (left, op, right, result) in enumerate(p.steps):
@@ -127,10 +120,17 @@ def _wrong_answer(rng: random.Random, p: Problem, other: Problem) -> tuple[dict,
                 result += rng.choice([-1, 1]) * rng.randint(1, 9)
             steps.append((left, op, right, result))
             carried = result
-        name, item = _story_words(p.prompt)
-        response = render_response(name, item, p.steps[0][0], steps)
-        return {"prompt": p.prompt, "response": response, "answer": str(steps[-1][3])}, f"step {k + 1} miscomputed"
-    return {"prompt": p.prompt, "response": other.response, "answer": other.answer}, "answer of another problem"
+        if str(steps[-1][3]) != p.answer:  # a later floor division can swallow the error
+            name, item = _story_words(p.prompt)
+            response = render_response(name, item, p.steps[0][0], steps)
+            return {"prompt": p.prompt, "response": response, "answer": str(steps[-1][3])}, f"step {k + 1} miscomputed"
+    elif how >= 0.8 and other.answer != p.answer:
+        return {"prompt": p.prompt, "response": other.response, "answer": other.answer}, "answer of another problem"
+    # the final answer is off; also the fallback when a wrong answer above came out right after all
+    true = int(p.answer)
+    wrong = true + rng.choice([-1, 1]) * rng.randint(1, max(3, true // 3 + 1))
+    response = p.response.rsplit("####", 1)[0] + f"#### {wrong}"
+    return {"prompt": p.prompt, "response": response, "answer": str(wrong)}, "final answer changed"
 
 
 def _near_duplicate(rng: random.Random, row: dict) -> tuple[dict, str]:
@@ -182,7 +182,7 @@ def _broken_field(rng: random.Random, row: dict) -> tuple[dict, str]:
 def generate(cfg: GenerateConfig) -> tuple[list[dict], list[dict]]:
     """(rows, truth): `cfg.rows` rows and, for each, {id, noise, kind, detail}."""
     rng = random.Random(cfg.seed)
-    n_noise = round(cfg.rows * cfg.noise)
+    n_noise = min(round(cfg.rows * cfg.noise), cfg.rows - 1)  # one clean row at least: duplicates need an original
     kinds = [k for k in NOISE_KINDS if cfg.noise_kinds.get(k, 0) > 0]
     weights = [cfg.noise_kinds[k] for k in kinds]
     noise_plan = rng.choices(kinds, weights=weights, k=n_noise) if n_noise else []

@@ -61,7 +61,7 @@ def detect_format(path: Path, fmt: str) -> str:
 
 def _canonical(record: dict[str, Any], cfg: SourceConfig, where: str) -> Row:
     """Map one source record onto the canonical row, checking columns and value types."""
-    mapped = set(cfg.fields.values())
+    mapped = set(cfg.fields.values()) | set(cfg.keep_columns)
     missing = [col for col in cfg.fields.values() if col not in record]
     if missing:
         raise DataError(f"{where}: missing column(s) {', '.join(map(repr, missing))}")
@@ -83,7 +83,11 @@ def _canonical(record: dict[str, Any], cfg: SourceConfig, where: str) -> Row:
         row["answer"] = final_answer(row["response"], cfg.answer_marker)
     if "id" not in cfg.fields or row.get("id") in (None, ""):
         row["id"] = content_id(row["prompt"], row["response"])
-    return {key: row[key] for key in CANONICAL}
+    out = {key: row[key] for key in CANONICAL}
+    for col in cfg.keep_columns:
+        if col in record:
+            out[col] = record[col]
+    return out
 
 
 def _short(value: Any) -> str:
@@ -112,6 +116,8 @@ def _iter_jsonl(path: Path, cfg: SourceConfig) -> Iterator[Row]:
                 record = json.loads(text)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: malformed JSON at column {err.colno}: {err.msg}") from None
+            except (ValueError, RecursionError) as err:  # an integer past Python's digit limit, deep nesting
+                raise DataError(f"{where}: malformed JSON: {err}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield _canonical(record, cfg, where)

@@ -1,0 +1,82 @@
+"""params.yaml -> the typed configs of every step, with presets and strict checking.
+
+`load_params()` reads the file, lays the chosen preset's overrides over the step sections, and
+builds `PipelineParams` with `components.config.from_dict`: an unknown or mistyped key anywhere,
+in a preset too, is a ConfigError naming `params.yaml: <dotted.key>`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.config import ConfigError, deep_merge, from_dict, to_dict
+from components.data.config import FilterConfig, GenerateConfig, SourceConfig, SplitConfig, ValidateConfig
+
+REPO_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+
+
+@dataclass
+class PipelineParams:
+    """Every step's config; one field per section of params.yaml."""
+
+    source: SourceConfig = field(default_factory=SourceConfig)
+    """How raw records map onto the canonical row."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """The built-in synthetic sample set."""
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    """The Great Expectations gate."""
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    """De-duplication, quality, label noise, weights."""
+    split: SplitConfig = field(default_factory=SplitConfig)
+    """Train / val / test assignment."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def default_params_path() -> Path:
+    """params.yaml in the working folder, else $DISTILLERY_PARAMS, else the repository's own."""
+    for candidate in (Path("params.yaml"), Path(os.environ.get("DISTILLERY_PARAMS", "")), REPO_PARAMS):
+        if candidate.name and candidate.is_file():
+            return candidate
+    raise ConfigError("no params.yaml found (looked in the working folder, $DISTILLERY_PARAMS and the repository)")
+
+
+def load_params(path: str | os.PathLike | None = None, preset: str | None = None,
+                overrides: dict[str, Any] | None = None) -> tuple[PipelineParams, str]:
+    """(params, preset name) from `path`, with `preset` (default: the file's `preset:` key)."""
+    path = Path(path) if path else default_params_path()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read parameters: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    presets = raw.pop("presets", {}) or {}
+    chosen = preset or raw.pop("preset", None) or "small"
+    raw.pop("preset", None)
+    if not isinstance(presets, dict):
+        raise ConfigError(f"{path}: presets: expected a mapping of preset name -> overrides")
+    try:
+        from_dict(PipelineParams, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    for name, over in presets.items():  # every preset is checked, not only the chosen one
+        try:
+            from_dict(PipelineParams, deep_merge(raw, over or {}))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: presets.{name}.{err}") from None
+    if chosen not in presets:
+        raise ConfigError(f"{path}: unknown preset {chosen!r}; known: {', '.join(presets) or 'none'}")
+    merged = deep_merge(raw, presets[chosen] or {})
+    if overrides:
+        merged = deep_merge(merged, overrides)
+    try:
+        return from_dict(PipelineParams, merged), chosen
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,48 @@
+"""The distillery DAG for Kubeflow Pipelines v2, built from the steps' components.
+
+    distillery compile --preset small --out pipeline.yaml   # upload in the Kubeflow UI
+    distillery run --preset tiny --out runs/tiny             # the same DAG with kfp.local
+
+The step configs are pipeline parameters (one mapping per step), their defaults baked in from
+the chosen preset of params.yaml at compile time, so a user can change any of them in the
+Kubeflow UI's run form. `source_uri` empty means the built-in synthetic sample set.
+"""
+
+
+from typing import Any
+
+from kfp import compiler, dsl
+
+from components.data import component as data
+from pipelines.local import PIPELINE_NAME
+from pipelines.params import PipelineParams
+
+
+def build_pipeline(params: PipelineParams) -> Any:
+    """The pipeline function, with `params` as its parameters' defaults."""
+    p = params.as_dict()
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Raw data in, a served and versioned language model out.")
+    def distillery(
+        source_uri: str = "",
+        source_config: dict = p["source"],
+        generate_config: dict = p["generate"],
+        validate_config: dict = p["validate"],
+        filter_config: dict = p["filter"],
+        split_config: dict = p["split"],
+    ):
+        ingest = data.ingest(source_uri=source_uri, source_config=source_config, generate_config=generate_config)
+        ingest.set_display_name("ingest")
+        validate = data.validate(raw=ingest.outputs["raw"], validate_config=validate_config)
+        validate.set_display_name("validate")
+        kept = data.filter_rows(clean=validate.outputs["clean"], filter_config=filter_config)
+        kept.set_display_name("filter")
+        split = data.split(kept=kept.outputs["kept"], split_config=split_config)
+        split.set_display_name("split")
+
+    return distillery
+
+
+def compile_pipeline(params: PipelineParams, out: str) -> None:
+    """Write the pipeline's IR YAML to `out`."""
+    compiler.Compiler().compile(build_pipeline(params), package_path=out)

@@ -1,0 +1,96 @@
+"""Bad input through the real CLI: a clear error naming the file/line/field, a non-zero exit,
+and nothing written (no output folder, no temporary leftovers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+
+GOOD = {"id": "a", "prompt": "Ann has 3 apples. She buys 2 more. How many?", "response": "3 + 2 = 5\n#### 5",
+        "answer": "5"}
+
+
+def _jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
+    """name -> (file, fragments the error message must contain)."""
+    cases = {}
+    p = tmp / "malformed.jsonl"
+    p.write_text(json.dumps(GOOD) + "\n" + '{"id": "b", "prompt": "x"\n', encoding="utf-8")
+    cases["malformed JSON line"] = (p, ["malformed.jsonl:2", "malformed JSON"])
+    cases["missing column"] = (_jsonl(tmp / "missing.jsonl", [GOOD, {k: v for k, v in GOOD.items() if k != "answer"}]),
+                               ["missing.jsonl:2", "'answer'"])
+    cases["extra column"] = (_jsonl(tmp / "extra.jsonl", [{**GOOD, "label": 1}]), ["extra.jsonl:1", "'label'"])
+    cases["wrong type"] = (_jsonl(tmp / "type.jsonl", [GOOD, GOOD, {**GOOD, "prompt": ["a", "list"]}]),
+                           ["type.jsonl:3", "'prompt'", "list"])
+    p = tmp / "empty.jsonl"
+    p.write_bytes(b"")
+    cases["empty file"] = (p, ["empty.jsonl", "no records"])
+    p = tmp / "utf8.jsonl"
+    p.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"id": "c", "prompt": "caf\xe9"}\n')
+    cases["invalid UTF-8"] = (p, ["utf8.jsonl:2", "invalid UTF-8"])
+    p = tmp / "huge.jsonl"
+    p.write_text(json.dumps({**GOOD, "prompt": "x" * 10_000_000}) + "\n", encoding="utf-8")
+    cases["10 MB single line"] = (p, ["huge.jsonl:1", "max_record_bytes"])
+    return cases
+
+
+@pytest.mark.parametrize("case", ["malformed JSON line", "missing column", "extra column", "wrong type",
+                                  "empty file", "invalid UTF-8", "10 MB single line"])
+def test_bad_input_is_refused_with_nothing_written(tmp_path, capsys, case):
+    path, fragments = _bad_inputs(tmp_path)[case]
+    out = tmp_path / "out"
+    assert main(["validate", str(path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err, f"{case}: {fragment!r} not in {err!r}"
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary output left behind"
+
+
+def test_unknown_params_key_names_it(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: tiny\nfilter:\n  near_dup_treshold: 0.8\npresets:\n  tiny: {}\n", encoding="utf-8")
+    out = tmp_path / "raw.jsonl"
+    assert main(["data", "generate", "--out", str(out), "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert "filter.near_dup_treshold" in err and "near_dup_threshold" in err
+    assert not out.exists()
+
+
+def test_mistyped_override_names_it(tmp_path, capsys):
+    out = tmp_path / "raw.jsonl"
+    assert main(["data", "generate", "--out", str(out), "--set", "generate.rows=many"]) == 2
+    assert "generate.rows" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_gate_failure_exits_nonzero_and_writes_only_the_rejected_report(tmp_path, capsys):
+    rows = [{**GOOD, "id": str(i), "answer": "N/A"} for i in range(10)]  # every row fails a row check
+    src = _jsonl(tmp_path / "bad.jsonl", rows)
+    out = tmp_path / "validated"
+    assert main(["validate", str(src), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "validation gate failed" in err and "quarantined" in err
+    assert not out.exists()
+    assert (tmp_path / "validated.rejected" / "report.html").is_file()
+
+
+def test_failed_rerun_keeps_the_previous_output(tmp_path):
+    good = _jsonl(tmp_path / "good.jsonl", [{**GOOD, "id": str(i), "prompt": GOOD["prompt"] + f" ({i})"}
+                                            for i in range(20)])
+    out = tmp_path / "validated"
+    assert main(["validate", str(good), "--out", str(out)]) == 0
+    before = (out / "clean.jsonl").read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json}\n", encoding="utf-8")
+    assert main(["validate", str(bad), "--out", str(out)]) == 1
+    assert (out / "clean.jsonl").read_bytes() == before
+    assert (out / "manifest.json").is_file()

@@ -1,0 +1,58 @@
+"""params.yaml: every preset loads, overrides apply, mistakes are named."""
+
+from __future__ import annotations
+
+import pytest
+
+from components.config import ConfigError
+from pipelines.params import REPO_PARAMS, load_params
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+def test_every_preset_of_the_repository_loads(preset):
+    params, name = load_params(REPO_PARAMS, preset)
+    assert name == preset
+    assert params.generate.rows > 0
+
+
+def test_tiny_is_smaller_than_small():
+    tiny, _ = load_params(REPO_PARAMS, "tiny")
+    small, _ = load_params(REPO_PARAMS, "small")
+    assert tiny.generate.rows < small.generate.rows
+
+
+def test_file_preset_key_is_the_default(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("preset: tiny\ngenerate: {rows: 10}\npresets:\n  tiny: {generate: {rows: 7}}\n", encoding="utf-8")
+    params, name = load_params(p)
+    assert (name, params.generate.rows) == ("tiny", 7)
+
+
+def test_overrides_win(tmp_path):
+    params, _ = load_params(REPO_PARAMS, "tiny", {"filter": {"folds": 4}})
+    assert params.filter.folds == 4
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("generate: {rowz: 3}\npresets: {small: {}}\n", "generate.rowz"),
+    ("generate: {rows: 3}\npresets: {small: {filter: {foldz: 2}}}\n", "presets.small.filter.foldz"),
+    ("generate: {rows: three}\npresets: {small: {}}\n", "generate.rows"),
+    ("stages: {}\npresets: {small: {}}\n", "stages"),
+    ("preset: huge\npresets: {small: {}}\n", "unknown preset 'huge'"),
+    ("generate: [1, 2\n", "cannot read parameters"),
+])
+def test_mistakes_are_named(tmp_path, text, fragment):
+    p = tmp_path / "params.yaml"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=None) as err:
+        load_params(p)
+    assert fragment in str(err.value)
+    assert str(p) in str(err.value)
+
+
+def test_kfp_struct_numbers_are_accepted_for_ints():
+    # KFP passes dict parameters as protobuf Structs, where 3 arrives as 3.0
+    params, _ = load_params(REPO_PARAMS, "tiny", {"generate": {"rows": 30.0}})
+    assert params.generate.rows == 30 and isinstance(params.generate.rows, int)
+    with pytest.raises(ConfigError, match="generate.rows"):
+        load_params(REPO_PARAMS, "tiny", {"generate": {"rows": 30.5}})
