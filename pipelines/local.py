@@ -9,6 +9,7 @@ every run recomputes every step.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 from pipelines.params import PipelineParams
@@ -31,6 +32,10 @@ def run_local(params: PipelineParams, out: Path, source_uri: str = "") -> dict[s
     root.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in root.iterdir()}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    # the component image is ours and this interpreter has the same packages; display names and
+    # Kubernetes settings are for the cluster: neither warning says anything useful here
+    warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*", category=UserWarning)
     started = time.perf_counter()
     try:
         build_pipeline(params)(source_uri=source_uri)
