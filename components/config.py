@@ -122,6 +122,20 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def merge(cls: type, base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` laid over `base` for dataclass `cls`: sections that are dataclasses merge key by
+    key, every other value (a mapping such as `source.fields` included) is replaced whole."""
+    hints = typing.get_type_hints(cls)
+    out = dict(base)
+    for key, value in override.items():
+        tp = hints.get(key)
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(tp, out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def require(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless `condition`; used by the configs' `check` methods."""
     if not condition:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from components.config import ConfigError, deep_merge, from_dict, to_dict
+from components.config import ConfigError, from_dict, merge, to_dict
 from components.data.config import FilterConfig, GenerateConfig, SourceConfig, SplitConfig, ValidateConfig
 
 REPO_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
@@ -68,14 +68,14 @@ def load_params(path: str | os.PathLike | None = None, preset: str | None = None
         raise ConfigError(f"{path}: {err}") from None
     for name, over in presets.items():  # every preset is checked, not only the chosen one
         try:
-            from_dict(PipelineParams, deep_merge(raw, over or {}))
+            from_dict(PipelineParams, merge(PipelineParams, raw, over or {}))
         except ConfigError as err:
             raise ConfigError(f"{path}: presets.{name}.{err}") from None
     if chosen not in presets:
         raise ConfigError(f"{path}: unknown preset {chosen!r}; known: {', '.join(presets) or 'none'}")
-    merged = deep_merge(raw, presets[chosen] or {})
+    merged = merge(PipelineParams, raw, presets[chosen] or {})
     if overrides:
-        merged = deep_merge(merged, overrides)
+        merged = merge(PipelineParams, merged, overrides)
     try:
         return from_dict(PipelineParams, merged), chosen
     except ConfigError as err:

@@ -56,3 +56,10 @@ def test_kfp_struct_numbers_are_accepted_for_ints():
     assert params.generate.rows == 30 and isinstance(params.generate.rows, int)
     with pytest.raises(ConfigError, match="generate.rows"):
         load_params(REPO_PARAMS, "tiny", {"generate": {"rows": 30.5}})
+
+
+def test_a_mapping_override_replaces_the_mapping_while_sections_merge():
+    params, _ = load_params(REPO_PARAMS, "tiny", {"source": {"fields": {"prompt": "question", "response": "answer"}},
+                                                  "filter": {"folds": 4}})
+    assert params.source.fields == {"prompt": "question", "response": "answer"}
+    assert params.filter.folds == 4 and params.filter.num_perm == 64  # tiny's own value kept
