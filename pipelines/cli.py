@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", default="pipeline.yaml")
     comp.set_defaults(func=cmd_compile)
     run = sub.add_parser("run", parents=[common], help="run the whole pipeline locally with kfp.local")
-    run.add_argument("--out", default="runs/latest", help="where the run's artifacts go")
+    run.add_argument("--out", default="runs", help="where runs go: <out>/kfp/<run>/..., <out>/latest links the newest")
     run.add_argument("--source", help="a raw data file instead of the built-in sample set")
     run.set_defaults(func=cmd_run)
     par = sub.add_parser("params", parents=[common], help="print the resolved parameters")

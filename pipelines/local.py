@@ -8,21 +8,32 @@ every run recomputes every step.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipelines.params import PipelineParams
 
 PIPELINE_NAME = "distillery"
 
 
+@dataclass
+class Artifact:
+    """An output artifact of a local run: where it is, and its KFP metadata (metrics live there)."""
+
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
 class PipelineFailed(RuntimeError):
     """A task of the local run failed; its own error is in the log above."""
 
 
-def run_local(params: PipelineParams, out: Path, source_uri: str = "") -> dict[str, Path]:
-    """Run the pipeline; return {"task/output": path} for every artifact the run wrote."""
+def run_local(params: PipelineParams, out: Path, source_uri: str = "") -> dict[str, Artifact]:
+    """Run the pipeline; return {"task/output": Artifact} for every artifact the run wrote."""
     from kfp import local
 
     from pipelines.pipeline import build_pipeline
@@ -50,16 +61,26 @@ def run_local(params: PipelineParams, out: Path, source_uri: str = "") -> dict[s
     if latest.is_symlink() or latest.exists():
         latest.unlink()
     latest.symlink_to(run_dir.relative_to(out))
-    artifacts = {f"{task.name}/{output.name}": output
-                 for task in sorted(run_dir.iterdir()) if task.is_dir()
-                 for output in sorted(task.iterdir())}
+    artifacts = collect_artifacts(run_dir)
     print(f"pipeline {PIPELINE_NAME}: finished in {time.perf_counter() - started:.1f}s, run folder {run_dir}")
     return artifacts
 
 
-def print_artifacts(artifacts: dict[str, Path]) -> None:
-    """One line per artifact: task/output and where it is."""
+def collect_artifacts(run_dir: Path) -> dict[str, Artifact]:
+    """Every task's output artifacts, from the executor_output.json files kfp.local writes."""
+    found: dict[str, Artifact] = {}
+    for out_file in sorted(run_dir.glob("*/executor_output.json")):
+        outputs = json.loads(out_file.read_text()).get("artifacts", {})
+        for name, entry in outputs.items():
+            for art in entry.get("artifacts", []):
+                found[f"{out_file.parent.name}/{name}"] = Artifact(Path(art["uri"]), art.get("metadata") or {})
+    return found
+
+
+def print_artifacts(artifacts: dict[str, Artifact]) -> None:
+    """One line per artifact: task/output and where it is (metrics: their values)."""
     width = max((len(k) for k in artifacts), default=0)
     print("artifacts:")
-    for name, path in artifacts.items():
-        print(f"  {name:<{width}}  {path}")
+    for name, art in artifacts.items():
+        where = str(art.path) if art.path.exists() else ", ".join(f"{k}={v}" for k, v in art.metadata.items())
+        print(f"  {name:<{width}}  {where}")

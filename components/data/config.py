@@ -137,6 +137,11 @@ class FilterConfig:
     """Detect wrong labels by confident learning with a small proxy model."""
     folds: int = 5
     """Cross-validation folds for the proxy model's out-of-fold probabilities."""
+    noise_filter_by: str = "predicted_neq_given"
+    """cleanlab's find_label_issues method: predicted_neq_given (flag a row when the proxy finds
+    it likelier corrupted than original), or the stricter confident-learning ones
+    prune_by_noise_rate, prune_by_class, both, confident_learning (fewer flags, lower recall;
+    see components/data/noise.py)."""
     min_weight: float = 0.1
     """Sample weights (proxy confidence, normalised to mean 1) are clipped below at this."""
     seed: int = 0
@@ -150,6 +155,9 @@ class FilterConfig:
         require(0 <= self.min_alpha_word_fraction <= 1, "min_alpha_word_fraction: must be within [0, 1]")
         require(0 <= self.max_symbol_fraction <= 1, "max_symbol_fraction: must be within [0, 1]")
         require(self.folds >= 2, "folds: must be at least 2")
+        methods = ("predicted_neq_given", "prune_by_noise_rate", "prune_by_class", "both", "confident_learning")
+        require(self.noise_filter_by in methods, f"noise_filter_by: {self.noise_filter_by!r} is not one of "
+                f"{', '.join(methods)}")
         require(0 < self.min_weight <= 1, "min_weight: must be within (0, 1]")
 
 

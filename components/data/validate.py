@@ -135,7 +135,8 @@ def _context(docs_dir: Path | None):
     if docs_dir is not None:
         ctx.add_data_docs_site(site_name="distillery", site_config={
             "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": str(Path(docs_dir).resolve())},  # GX wants it absolute
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
     return ctx
 
