@@ -53,6 +53,16 @@ def test_dvc_repro_runs_the_stages_and_then_is_up_to_date(tmp_path):
     shown = json.loads(metrics.stdout)
     assert any("data/validated/metrics.json" in json.dumps(v) for v in shown.values())
 
+    # the local remote of the README: push, lose the workspace copies and the cache, pull back
+    remote = tmp_path / "remote"
+    _run(dvc + ["remote", "add", "-d", "local", str(remote)], work, env)
+    _run(dvc + ["push"], work, env)
+    kept = (work / "data/filtered/kept.jsonl").read_bytes()
+    shutil.rmtree(work / ".dvc" / "cache")
+    (work / "data/filtered/kept.jsonl").unlink()
+    _run(dvc + ["pull"], work, env)
+    assert (work / "data/filtered/kept.jsonl").read_bytes() == kept
+
     # a parameter change re-runs only what depends on it
     params["split"]["salt"] = "another"
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
