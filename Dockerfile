@@ -24,6 +24,9 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
     && pip install -c constraints.txt --no-build-isolation deepspeed \
     && pip install -c constraints.txt .
 
+# Non-root, as Pod Security "restricted" asks. The KFP v2 launcher must then not need to write at
+# the filesystem root: use a Kubeflow Pipelines backend with kubeflow/pipelines#10538 (non-root
+# launcher), or drop these two lines for older backends.
 RUN useradd --uid 10001 --create-home distillery
 USER 10001
 ENTRYPOINT ["distillery"]

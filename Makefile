@@ -1,7 +1,11 @@
 # The README's commands. `make run` and `make test` create the virtual environment on first use
 # (torch CPU build first, deepspeed with --no-build-isolation, then the suite) and skip the
 # install in well under a second afterwards.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
+# Where torch 2.13.0 comes from. Empty: pip's configured indexes (a CPU wheel where the machine
+# provides one). Set TORCH_INDEX=https://download.pytorch.org/whl/cpu elsewhere to avoid
+# downloading the CUDA build from PyPI.
+TORCH_INDEX ?=
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -12,12 +16,12 @@ export DVC_NO_ANALYTICS := 1
 export DS_ACCELERATOR := cpu
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-slow bench compile lint clean
+.PHONY: run test test-slow bench compile clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt --no-build-isolation deepspeed
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@

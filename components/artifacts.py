@@ -62,40 +62,57 @@ def code_version() -> dict[str, str]:
     return info
 
 
+class OutputError(ValueError):
+    """An output path that a step refuses to write: it would destroy something it did not make."""
+
+
+def check_output(final: Path, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Refuse an output folder that is a file, holds or is one of the inputs, or is a folder of
+    someone else's (not empty, no manifest.json: not an earlier output of a step)."""
+    if not final.name or final.name in (".", ".."):
+        raise OutputError(f"{final}: an output folder needs a name of its own")
+    resolved = final.resolve()
+    for item in inputs:
+        src = Path(item).resolve()
+        if src == resolved or resolved in src.parents:
+            raise OutputError(f"{final}: the output folder would replace the input {item}")
+    if final.is_file() or (final.exists() and not final.is_dir()):
+        raise OutputError(f"{final}: exists and is not a folder; refusing to replace it")
+    if final.is_dir() and not (final / MANIFEST).is_file():
+        foreign = [p.name for p in final.iterdir() if not p.name.startswith(".")]
+        if foreign:
+            raise OutputError(f"{final}: is a folder with other content ({', '.join(sorted(foreign)[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}) and no {MANIFEST}; refusing to replace it")
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary folder; on success it replaces `final`, on error it is removed."""
+def atomic_dir(final: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success it replaces `final`, on error it is removed.
+
+    `final` must be new, empty, or an earlier step output (it has a manifest.json); `inputs`
+    may not lie inside it. Hidden files of the folder it replaces (DVC's .gitignore) carry over.
+    """
     final = Path(final)
+    check_output(final, inputs)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; an output folder is for everyone who may read it
     try:
         yield tmp
+        if final.is_dir():
+            for hidden in final.glob(".*"):
+                if hidden.is_file() and not (tmp / hidden.name).exists():
+                    shutil.copy2(hidden, tmp / hidden.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if final.exists() or final.is_symlink():
+    if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-
-
-@contextlib.contextmanager
-def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; renamed over it on success, removed on error."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def manifest(step: str, inputs: dict[str, str | os.PathLike], params: dict[str, Any],

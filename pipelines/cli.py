@@ -104,9 +104,12 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from components.data.load import load_rows
     from pipelines.local import print_artifacts, run_local
 
     params = _params(args)
+    if args.source:  # read it once here: a bad file is named before any task starts
+        load_rows(args.source, params.source)
     artifacts = run_local(params, Path(args.out), source_uri=args.source or "")
     print_artifacts(artifacts)
 
@@ -158,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from components.artifacts import OutputError
     from components.data.load import DataError
     from components.data.validate import GateFailed
     from pipelines.local import PipelineFailed
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"distillery: parameter error: {err}", file=sys.stderr)
         return 2
-    except (DataError, GateFailed, PipelineFailed) as err:
+    except (DataError, GateFailed, OutputError, PipelineFailed) as err:
         print(f"distillery: {err}", file=sys.stderr)
         return 1
     return 0

@@ -9,6 +9,7 @@ every run recomputes every step.
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -51,7 +52,8 @@ def run_local(params: PipelineParams, out: Path, source_uri: str = "") -> dict[s
     try:
         build_pipeline(params)(source_uri=source_uri)
     except RuntimeError as err:
-        raise PipelineFailed(f"local pipeline run failed: {err}") from None
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # kfp colours its messages for terminals
+        raise PipelineFailed(f"local pipeline run failed: {plain} (the task's error is in the log above)") from None
     runs = sorted((p for p in root.iterdir() if p.name not in before and p.name.startswith(PIPELINE_NAME)),
                   key=lambda p: p.stat().st_mtime)
     if not runs:

@@ -33,7 +33,8 @@ def build_pipeline(params: PipelineParams) -> Any:
     ):
         ingest = data.ingest(source_uri=source_uri, source_config=source_config, generate_config=generate_config)
         ingest.set_display_name("ingest")
-        validate = data.validate(raw=ingest.outputs["raw"], validate_config=validate_config)
+        validate = data.validate(raw=ingest.outputs["raw"], source_config=source_config,
+                                 validate_config=validate_config)
         validate.set_display_name("validate")
         kept = data.filter_rows(clean=validate.outputs["clean"], filter_config=filter_config)
         kept.set_display_name("filter")

@@ -36,19 +36,25 @@ def ingest(source_uri: str, source_config: dict, generate_config: dict, raw: Out
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def validate(raw: Input[Dataset], validate_config: dict, clean: Output[Dataset], metrics: Output[Metrics],
-             report: Output[HTML]):
-    """The Great Expectations gate; fails the run when the batch fails it."""
+def validate(raw: Input[Dataset], source_config: dict, validate_config: dict, clean: Output[Dataset],
+             metrics: Output[Metrics], report: Output[HTML]):
+    """The Great Expectations gate; fails the run when the batch fails it, after publishing the
+    report that says why."""
     import shutil
     from pathlib import Path
 
     from components.config import from_dict
     from components.data import validate
-    from components.data.config import ValidateConfig
+    from components.data.config import SourceConfig, ValidateConfig
     from components.kfp_io import log_metrics
 
-    result = validate.run(Path(raw.path) / "raw.jsonl", from_dict(ValidateConfig, validate_config, "validate"),
-                          clean.path)
+    cfg = from_dict(ValidateConfig, validate_config, "validate")
+    source = from_dict(SourceConfig, source_config, "source")
+    try:
+        result = validate.run(Path(raw.path) / "raw.jsonl", cfg, clean.path, source, canonical=True)
+    except validate.GateFailed:
+        shutil.copyfile(Path(clean.path + ".rejected") / "report.html", report.path)
+        raise
     shutil.copyfile(Path(clean.path) / "report.html", report.path)
     log_metrics(metrics, result)
 

@@ -25,7 +25,7 @@ def run(input_path: str | os.PathLike, cfg: SourceConfig, out_dir: str | os.Path
     """Write `<out_dir>/raw.jsonl` (canonical rows) and its manifest, all or nothing."""
     rows = load_rows(input_path, cfg)
     metrics = {"rows": len(rows)}
-    with atomic_dir(Path(out_dir)) as tmp:
+    with atomic_dir(Path(out_dir), inputs=(input_path,)) as tmp:
         write_jsonl(tmp / RAW, rows)
         finish(tmp, "ingest", {"source": input_path}, to_dict(cfg), metrics, {"rows": tmp / RAW})
     return metrics

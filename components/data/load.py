@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,13 +60,15 @@ def detect_format(path: Path, fmt: str) -> str:
                         f"set source.format to one of jsonl, parquet, csv, text") from None
 
 
-def _canonical(record: dict[str, Any], cfg: SourceConfig, where: str) -> Row:
-    """Map one source record onto the canonical row, checking columns and value types."""
+def _canonical(record: dict[str, Any], cfg: SourceConfig, where: str, keep_extra: bool = False) -> Row:
+    """Map one source record onto the canonical row, checking columns and value types.
+
+    `keep_extra` (for the pipeline's own files between steps) keeps every unmapped column."""
     mapped = set(cfg.fields.values()) | set(cfg.keep_columns)
     missing = [col for col in cfg.fields.values() if col not in record]
     if missing:
         raise DataError(f"{where}: missing column(s) {', '.join(map(repr, missing))}")
-    if cfg.strict_columns:
+    if cfg.strict_columns and not keep_extra:
         extra = [col for col in record if col not in mapped]
         if extra:
             raise DataError(f"{where}: unexpected column(s) {', '.join(map(repr, extra))}; "
@@ -76,7 +79,7 @@ def _canonical(record: dict[str, Any], cfg: SourceConfig, where: str) -> Row:
         if value is None or isinstance(value, str):
             row[name] = value
         elif name in ("id", "answer") and isinstance(value, (int, float)) and not isinstance(value, bool):
-            row[name] = str(value)  # numeric ids and answers are fine, kept as text
+            row[name] = _number_text(value)  # numeric ids and answers are fine, kept as text
         else:
             raise DataError(f"{where}: field {col!r} must be a string, got {type(value).__name__} {_short(value)}")
     if "answer" not in cfg.fields:
@@ -84,10 +87,18 @@ def _canonical(record: dict[str, Any], cfg: SourceConfig, where: str) -> Row:
     if "id" not in cfg.fields or row.get("id") in (None, ""):
         row["id"] = content_id(row["prompt"], row["response"])
     out = {key: row[key] for key in CANONICAL}
-    for col in cfg.keep_columns:
-        if col in record:
-            out[col] = record[col]
+    sources = set(cfg.fields.values())
+    extras = [c for c in record if c not in sources] if keep_extra else [c for c in cfg.keep_columns if c in record]
+    for col in extras:
+        out.setdefault(col, record[col])
     return out
+
+
+def _number_text(value: int | float) -> str:
+    """12 -> "12", 12.0 -> "12", 0.5 -> "0.5", 1e22 -> "10000000000000000000000" (no exponent)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value) if isinstance(value, int) else format(value, "f").rstrip("0").rstrip(".")
 
 
 def _short(value: Any) -> str:
@@ -95,21 +106,22 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _decode(raw: bytes, where: str) -> str:
+def _decode(raw: bytes, where: str, first: bool = True) -> str:
+    """UTF-8, strictly; a byte-order mark at the very start of the file is dropped."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{where}: invalid UTF-8 at byte {err.start} ({raw[err.start:err.start + 4]!r})") from None
 
 
-def _iter_jsonl(path: Path, cfg: SourceConfig) -> Iterator[Row]:
+def _iter_jsonl(path: Path, cfg: SourceConfig, keep_extra: bool = False) -> Iterator[Row]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             if len(raw) > cfg.max_record_bytes:
                 raise DataError(f"{where}: record is {len(raw):,} bytes, over source.max_record_bytes "
                                 f"({cfg.max_record_bytes:,})")
-            text = _decode(raw, where).strip()
+            text = _decode(raw, where, first=lineno == 1).strip()
             if not text:
                 continue  # blank lines are allowed between records
             try:
@@ -120,12 +132,12 @@ def _iter_jsonl(path: Path, cfg: SourceConfig) -> Iterator[Row]:
                 raise DataError(f"{where}: malformed JSON: {err}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield _canonical(record, cfg, where)
+            yield _canonical(record, cfg, where, keep_extra)
 
 
 def _iter_csv(path: Path, cfg: SourceConfig) -> Iterator[Row]:
     raw = path.read_bytes()
-    text = _decode(raw, str(path))
+    text = _decode(raw, str(path))  # a byte-order mark (Excel's CSV) is dropped
     csv.field_size_limit(max(cfg.max_record_bytes, 1024))
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     try:
@@ -153,17 +165,30 @@ def _iter_parquet(path: Path, cfg: SourceConfig) -> Iterator[Row]:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: not a readable Parquet file: {err}") from None
+    # pandas writes its index as __index_level_N__ columns: not data
+    table = table.select([c for c in table.column_names if not re.fullmatch(r"__index_level_\d+__", c)])
+
+    def texty(t: Any) -> bool:
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+                or getattr(pa.types, "is_string_view", lambda _: False)(t))
+
     for name in cfg.fields.values():
         if name not in table.column_names:
             raise DataError(f"{path}: missing column {name!r} (columns: {table.column_names})")
         col_type = table.schema.field(name).type
-        ok = pa.types.is_string(col_type) or pa.types.is_large_string(col_type) or pa.types.is_null(col_type)
         numeric_ok = name in (cfg.fields.get("id"), cfg.fields.get("answer")) and (
             pa.types.is_integer(col_type) or pa.types.is_floating(col_type))
-        if not (ok or numeric_ok):
+        if not (texty(col_type) or numeric_ok):
             raise DataError(f"{path}: column {name!r} has type {col_type}, expected string")
     for i, record in enumerate(table.to_pylist()):
-        yield _canonical(record, cfg, f"{path}: row {i}")
+        where = f"{path}: row {i}"
+        size = sum(len(v) for v in record.values() if isinstance(v, str))
+        if size > cfg.max_record_bytes:
+            raise DataError(f"{where}: record holds {size:,} characters, over source.max_record_bytes "
+                            f"({cfg.max_record_bytes:,})")
+        yield _canonical(record, cfg, where)
 
 
 def _iter_text(path: Path, cfg: SourceConfig) -> Iterator[Row]:
@@ -179,6 +204,8 @@ def iter_rows(path: str | os.PathLike, cfg: SourceConfig | None = None) -> Itera
     """Canonical rows of `path`, lazily; raises DataError on the first structural problem."""
     cfg = cfg or SourceConfig()
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give the data file inside it")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     fmt = detect_format(path, cfg.format)
@@ -189,6 +216,19 @@ def iter_rows(path: str | os.PathLike, cfg: SourceConfig | None = None) -> Itera
 def load_rows(path: str | os.PathLike, cfg: SourceConfig | None = None) -> list[Row]:
     """All canonical rows of `path`; an input with no records is an error."""
     rows = list(iter_rows(path, cfg))
+    if not rows:
+        raise DataError(f"{path}: the file holds no records")
+    return rows
+
+
+def load_canonical(path: str | os.PathLike) -> list[Row]:
+    """Rows of a canonical JSONL file that a step wrote (raw.jsonl, clean.jsonl, kept.jsonl):
+    the four canonical columns are required and every further column (a `weight`, a column the
+    source mapping kept) travels on unchanged."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file" if not path.is_dir() else f"{path}: is a folder; give the data file inside it")
+    rows = list(_iter_jsonl(path, SourceConfig(), keep_extra=True))
     if not rows:
         raise DataError(f"{path}: the file holds no records")
     return rows

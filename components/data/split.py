@@ -17,11 +17,10 @@ from typing import Any
 
 from components.artifacts import atomic_dir, finish
 from components.config import to_dict
-from components.data.config import SourceConfig, SplitConfig
-from components.data.load import Row, load_rows, write_jsonl
+from components.data.config import SplitConfig
+from components.data.load import Row, load_canonical, write_jsonl
 
 SPLITS = ("train", "val", "test")
-_KEEP_EXTRA = SourceConfig(keep_columns=["weight"])  # the filter's sample weights travel along
 
 
 def bucket(row_id: str, salt: str) -> float:
@@ -48,11 +47,11 @@ def split_rows(rows: list[Row], cfg: SplitConfig) -> dict[str, list[Row]]:
 
 def run(input_path: str | os.PathLike, cfg: SplitConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     """The `split` step: train.jsonl, val.jsonl, test.jsonl and the manifest, all or nothing."""
-    rows = load_rows(input_path, _KEEP_EXTRA)
+    rows = load_canonical(input_path)  # the filter's weights and any kept columns travel on
     parts = split_rows(rows, cfg)
     metrics: dict[str, Any] = {f"{name}_rows": len(part) for name, part in parts.items()}
     metrics["rows"] = len(rows)
-    with atomic_dir(Path(out_dir)) as tmp:
+    with atomic_dir(Path(out_dir), inputs=(input_path,)) as tmp:
         for name, part in parts.items():
             write_jsonl(tmp / f"{name}.jsonl", part)
         finish(tmp, "split", {"rows": input_path}, to_dict(cfg), metrics,

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,10 @@ from typing import Any
 from components.artifacts import atomic_dir, finish, write_json
 from components.config import to_dict
 from components.data.config import SourceConfig, ValidateConfig
-from components.data.load import CANONICAL, Row, final_answer, load_rows, write_jsonl
+from components.data.dedup import normalize
+from components.data.equations import close, final_value, parse_number
+from components.data.load import CANONICAL, Row, load_canonical, load_rows, write_jsonl
 
-NUMBER = r"^\s*[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?\s*$"  # 42, -3.5, 1,234
 BAD_CHARS = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd"  # control characters and U+FFFD
 ROW_INDEX = "_row"
 
@@ -58,41 +58,37 @@ class ValidationResult:
     docs_dir: Path | None = None
 
 
-def _normalize(text: str | None) -> str:
-    return " ".join(unicodedata.normalize("NFKC", text or "").casefold().split())
+DERIVED = ("_prompt_norm", "_prompt_chars", "_answer_is_number", "_final_is_number", "_answer_agrees")
 
 
-def _number(text: str | None) -> float | None:
-    if text is None or not re.match(NUMBER, text):
-        return None
-    return float(text.replace(",", ""))
+def frame(rows: list[Row], marker: str = "####"):
+    """The batch as a DataFrame: the canonical columns plus derived ones the suite checks.
 
-
-def frame(rows: list[Row]):
-    """The batch as a DataFrame: the canonical columns plus derived ones the suite checks."""
+    Numbers are read by the one number reader of the data steps (equations.parse_number), so
+    "$12", "1,000" and "20%" mean the same here as in the filter."""
     import pandas as pd
 
-    df = pd.DataFrame(rows, columns=list(CANONICAL)).astype(object)
+    df = pd.DataFrame([{k: r.get(k) for k in CANONICAL} for r in rows], columns=list(CANONICAL)).astype(object)
     df = df.where(df.notna(), None)
     df[ROW_INDEX] = range(len(df))
-    df["_prompt_norm"] = [_normalize(p) for p in df["prompt"]]
+    df["_prompt_norm"] = [normalize(p) for p in df["prompt"]]
     df["_prompt_chars"] = [len(p or "") for p in df["prompt"]]
-    agrees = []
-    for resp, ans in zip(df["response"], df["answer"]):
-        a, b = _number(final_answer(resp)), _number(ans)
-        agrees.append(a is None or b is None or a == b)  # the other checks catch missing numbers
-    df["_answer_agrees"] = agrees
+    answers = [parse_number(a) for a in df["answer"]]
+    finals = [final_value(r, marker)[0] for r in df["response"]]
+    # each derived check flags only its own fault: a null or a missing marker is flagged elsewhere
+    df["_answer_is_number"] = [v is not None or a is None for v, a in zip(answers, df["answer"])]
+    df["_final_is_number"] = [v is not None or marker not in (r or "") for v, r in zip(finals, df["response"])]
+    df["_answer_agrees"] = [a is None or f is None or close(f, a) for a, f in zip(answers, finals)]
     return df
 
 
-def suite_checks(cfg: ValidateConfig) -> list[Check]:
+def suite_checks(cfg: ValidateConfig, marker: str = "####") -> list[Check]:
     """The expectation suite, built from the config."""
     import great_expectations.expectations as gxe
 
     mostly = max(1e-9, 1.0 - cfg.max_quarantine_fraction)
     checks: list[Check] = [
-        Check(gxe.ExpectTableColumnsToMatchSet(column_set=[*CANONICAL, ROW_INDEX, "_prompt_norm", "_prompt_chars",
-                                                           "_answer_agrees"], exact_match=True),
+        Check(gxe.ExpectTableColumnsToMatchSet(column_set=[*CANONICAL, ROW_INDEX, *DERIVED], exact_match=True),
               description="schema: exactly the canonical columns"),
         Check(gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows), description=f"at least {cfg.min_rows} rows"),
         Check(gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(
@@ -116,10 +112,13 @@ def suite_checks(cfg: ValidateConfig) -> list[Check]:
         checks.append(Check(gxe.ExpectColumnValuesToNotMatchRegex(column=col, regex=f"[{BAD_CHARS}]", mostly=mostly),
                             f"charset_{col}", f"{col} has no control or replacement characters"))
     checks += [
-        Check(gxe.ExpectColumnValuesToMatchRegex(column="answer", regex=NUMBER, mostly=mostly),
+        Check(gxe.ExpectColumnValuesToBeInSet(column="_answer_is_number", value_set=[True], mostly=mostly),
               "answer_not_number", "answer parses as a number"),
-        Check(gxe.ExpectColumnValuesToMatchRegex(column="response", regex=r"####\s*\S", mostly=mostly),
-              "no_final_answer", "response ends in a '#### <answer>' line"),
+        Check(gxe.ExpectColumnValuesToMatchRegex(column="response", regex=re.escape(marker) + r"\s*\S",
+                                                 mostly=mostly),
+              "no_final_answer", f"response has a '{marker} <answer>' line"),
+        Check(gxe.ExpectColumnValuesToBeInSet(column="_final_is_number", value_set=[True], mostly=mostly),
+              "final_not_number", f"the response's final answer after '{marker}' is a number"),
         Check(gxe.ExpectColumnValuesToBeInSet(column="_answer_agrees", value_set=[True], mostly=mostly),
               "answer_disagrees", "answer equals the response's final answer"),
     ]
@@ -141,13 +140,16 @@ def _context(docs_dir: Path | None):
     return ctx
 
 
-def validate_rows(rows: list[Row], cfg: ValidateConfig, docs_dir: Path | None = None) -> ValidationResult:
-    """Run the suite on `rows`; split them into clean and quarantined; decide the gate."""
+def validate_rows(rows: list[Row], cfg: ValidateConfig, docs_dir: Path | None = None,
+                  marker: str = "####") -> ValidationResult:
+    """Run the suite on `rows`; split them into clean and quarantined; decide the gate.
+
+    `marker` is the source's answer marker (source.answer_marker)."""
     import great_expectations as gx
 
     started = time.perf_counter()
-    df = frame(rows)
-    checks = suite_checks(cfg)
+    df = frame(rows, marker)
+    checks = suite_checks(cfg, marker)
     ctx = _context(docs_dir)
     batch_def = ctx.data_sources.add_pandas("rows").add_dataframe_asset("batch").add_batch_definition_whole_dataframe("all")
     suite = ctx.suites.add(gx.ExpectationSuite(name="distillery_rows"))
@@ -224,20 +226,24 @@ def report_html(report: dict[str, Any]) -> str:
 {f'<h2>Why it failed</h2><ul>{failed}</ul>' if failed else ''}
 <h2>Quarantine reasons</h2><table><tr><th>reason</th><th>rows</th></tr>{reasons}</table>
 <h2>Expectations</h2><table><tr><th></th><th>expectation</th><th>column</th><th>unexpected rows</th><th>observed</th></tr>{rows}</table>
-<p>The full Great Expectations Data Docs are in <code>data_docs/index.html</code> beside this page.</p></body></html>"""
+<p>The full Great Expectations Data Docs are in <code>data_docs/index.html</code> of the step's output
+folder (<code>&lt;out&gt;.rejected/</code> when the gate failed).</p></body></html>"""
 
 
 def run(input_path: str | os.PathLike, cfg: ValidateConfig, out_dir: str | os.PathLike,
-        source: SourceConfig | None = None) -> dict[str, Any]:
+        source: SourceConfig | None = None, canonical: bool = False) -> dict[str, Any]:
     """The `validate` step: clean.jsonl, quarantined.jsonl, report.json/.html, data_docs/, manifest.
 
-    Raises DataError for input that cannot be read and GateFailed when the gate fails; in both
-    cases `out_dir` is left as it was.
+    `input_path` is raw data read through `source`'s mapping, or, with `canonical`, a file of
+    canonical rows that an earlier step wrote (extra columns travel on). Raises DataError for
+    input that cannot be read and GateFailed when the gate fails; in both cases `out_dir` is
+    left as it was.
     """
     out_dir = Path(out_dir)
-    rows = load_rows(input_path, source)
-    with atomic_dir(out_dir) as tmp:
-        result = validate_rows(rows, cfg, tmp / "data_docs" if cfg.data_docs else None)
+    source = source or SourceConfig()
+    rows = load_canonical(input_path) if canonical else load_rows(input_path, source)
+    with atomic_dir(out_dir, inputs=(input_path,)) as tmp:
+        result = validate_rows(rows, cfg, tmp / "data_docs" if cfg.data_docs else None, source.answer_marker)
         report = result.report
         write_json(tmp / "report.json", report)
         (tmp / "report.html").write_text(report_html(report), encoding="utf-8")
@@ -253,6 +259,6 @@ def run(input_path: str | os.PathLike, cfg: ValidateConfig, out_dir: str | os.Pa
         metrics["gate_passed"] = True
         outputs = {name: tmp / name for name in ("clean.jsonl", "quarantined.jsonl", "report.json")}
         finish(tmp, "validate", {"rows": input_path},
-               {"validate": to_dict(cfg), "source": to_dict(source or SourceConfig())}, metrics, outputs)
+               {"validate": to_dict(cfg), "source": to_dict(source)}, metrics, outputs)
     shutil.rmtree(out_dir.with_name(out_dir.name + ".rejected"), ignore_errors=True)
     return metrics

@@ -103,7 +103,7 @@ def test_parquet_numeric_id_and_answer_are_kept_as_text(tmp_path):
     path = tmp_path / "rows.pq"
     pq.write_table(pa.table({"id": [7, 8], "prompt": ["p", "q"], "response": ["r", "s"], "answer": [1.5, 2.0]}), path)
     assert load_rows(path) == [{"id": "7", "prompt": "p", "response": "r", "answer": "1.5"},
-                               {"id": "8", "prompt": "q", "response": "s", "answer": "2.0"}]
+                               {"id": "8", "prompt": "q", "response": "s", "answer": "2"}]  # integral floats read as integers
 
 
 def test_text_is_cut_into_chunks(tmp_path):
@@ -415,3 +415,61 @@ def test_tinyshakespeare_loads_as_text_chunks(shared_data):
     rows = load_rows(path, SourceConfig(text_chunk_chars=1000))
     assert "".join(r["prompt"] for r in rows) == text  # no chunk of the corpus is blank
     assert len(rows) == -(-len(text) // 1000)
+
+
+# ---- edge cases found in review ------------------------------------------------------------
+
+def test_byte_order_mark_is_dropped_in_csv_and_jsonl(tmp_path):
+    csv_path = tmp_path / "bom.csv"
+    csv_path.write_bytes("\ufeffid,prompt,response,answer\n1,q,r,5\n".encode("utf-8"))
+    assert load_rows(csv_path)[0]["id"] == "1"
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes("\ufeff".encode() + b'{"id": "1", "prompt": "q", "response": "r", "answer": "5"}\n')
+    assert load_rows(jsonl)[0]["id"] == "1"
+
+
+def test_a_folder_is_named_as_such(tmp_path):
+    with pytest.raises(DataError, match="is a folder"):
+        load_rows(tmp_path)
+
+
+def test_numeric_answers_never_use_exponents(tmp_path):
+    path = tmp_path / "n.jsonl"
+    path.write_text('{"id": 1, "prompt": "q", "response": "r", "answer": 1e22}\n'
+                    '{"id": 2.0, "prompt": "q", "response": "r", "answer": 0.25}\n', encoding="utf-8")
+    rows = load_rows(path)
+    assert [r["answer"] for r in rows] == ["10000000000000000000000", "0.25"]
+    assert [r["id"] for r in rows] == ["1", "2"]
+
+
+def test_pandas_index_and_dictionary_columns_in_parquet(tmp_path):
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "p.parquet"
+    df = pd.DataFrame({"id": ["a", "b"], "prompt": ["q1", "q2"], "response": ["r", "r"], "answer": ["1", "2"]},
+                      index=[5, 9])
+    df["response"] = df["response"].astype("category")
+    df.to_parquet(path)
+    rows = load_rows(path)
+    assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["response"] == "r"
+
+
+def test_parquet_oversized_record_is_refused(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["x" * 2_000_000], "response": ["r"], "answer": ["1"]}), path)
+    with pytest.raises(DataError, match="row 0.*max_record_bytes"):
+        load_rows(path)
+
+
+def test_load_canonical_keeps_extra_columns_and_requires_the_canonical_ones(tmp_path):
+    from components.data.load import load_canonical
+
+    path = tmp_path / "kept.jsonl"
+    write_jsonl(path, [{"id": "a", "prompt": "q", "response": "r", "answer": "1", "weight": 0.5, "source": "x"}])
+    assert load_canonical(path) == [{"id": "a", "prompt": "q", "response": "r", "answer": "1", "weight": 0.5,
+                                     "source": "x"}]
+    write_jsonl(path, [{"id": "a", "prompt": "q", "answer": "1"}])
+    with pytest.raises(DataError, match="kept.jsonl:1: missing column.*'response'"):
+        load_canonical(path)

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from components.data.config import SourceConfig, ValidateConfig
+from components.data.equations import close, final_value, parse_number
 from components.data.load import load_rows, write_jsonl
 from components.data.validate import GateFailed, run, validate_rows
 
@@ -26,6 +27,7 @@ FAULTS = {
     "charset_prompt": {"prompt": "Ann has \ufffd apples \x07 and more. How many now?"},
     "answer_not_number": {"answer": "twelve"},
     "no_final_answer": {"response": "3 + 2 = 5"},
+    "final_not_number": {"response": "3 + 2 = 5\n#### five"},
     "answer_disagrees": {"answer": "999"},
     "null_answer": {"answer": None},
 }
@@ -39,6 +41,21 @@ def test_each_fault_is_quarantined_with_its_reason(reason):
     assert [q["id"] for q in result.quarantined] == ["r99"]
     assert reason in result.quarantined[0]["reasons"]
     assert len(result.clean) == 20
+
+
+@pytest.mark.parametrize("final", ["$12", "12 apples", "12.", "1,2"])
+def test_disagreement_is_caught_whatever_the_number_looks_like(final):
+    rows = [row(i) for i in range(10)] + [row(50, response=f"x\n#### {final}", answer="99")]
+    result = validate_rows(rows, ValidateConfig(data_docs=False))
+    assert [q["id"] for q in result.quarantined] == ["r50"]
+    assert result.quarantined[0]["reasons"] == ["answer_disagrees"]
+
+
+def test_the_source_answer_marker_is_used():
+    rows = [row(i, response=f"{i} + 2 = {i + 2}. The answer is {i + 2}") for i in range(10)]
+    assert validate_rows(rows, ValidateConfig(data_docs=False), marker="The answer is").quarantined == []
+    failed = validate_rows(rows, ValidateConfig(data_docs=False, max_quarantine_fraction=1.0))
+    assert {r for q in failed.quarantined for r in q["reasons"]} == {"no_final_answer"}
 
 
 def test_well_formed_numbers_pass():
@@ -62,10 +79,13 @@ def test_batch_level_failures_fail_the_gate(cfg, fragment):
 
 
 text_or_none = st.one_of(st.none(), st.text(max_size=60))
+number_text = st.one_of(st.integers(-10**6, 10**6).map(str), st.sampled_from(["1,000", "$12", "3.50", "20%", "x"]))
+responses = st.one_of(text_or_none, st.builds(lambda body, n: f"{body}\n#### {n}", st.text(max_size=30), number_text))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.fixed_dictionaries({"prompt": text_or_none, "response": text_or_none, "answer": text_or_none}),
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.fixed_dictionaries({"prompt": text_or_none, "response": responses,
+                                       "answer": st.one_of(text_or_none, number_text)}),
                 min_size=1, max_size=25))
 def test_clean_plus_quarantined_is_the_input(records):
     rows = [{"id": f"h{i}", **r} for i, r in enumerate(records)]
@@ -75,6 +95,8 @@ def test_clean_plus_quarantined_is_the_input(records):
     assert all(q["reasons"] for q in result.quarantined)
     for r in result.clean:  # what passes is what the gate promises
         assert r["prompt"] and r["prompt"].strip() and r["answer"] is not None
+        final = final_value(r["response"])[0]
+        assert final is not None and close(final, parse_number(r["answer"]))
 
 
 def test_run_writes_outputs_docs_and_manifest(tmp_path):

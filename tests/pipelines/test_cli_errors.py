@@ -94,3 +94,43 @@ def test_failed_rerun_keeps_the_previous_output(tmp_path):
     assert main(["validate", str(bad), "--out", str(out)]) == 1
     assert (out / "clean.jsonl").read_bytes() == before
     assert (out / "manifest.json").is_file()
+
+
+def _good_file(tmp_path: Path) -> Path:
+    return _jsonl(tmp_path / "good.jsonl", [{**GOOD, "id": str(i), "prompt": GOOD["prompt"] + f" ({i})"}
+                                            for i in range(20)])
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    src, out = _good_file(tmp_path), tmp_path / "notes.txt"
+    out.write_text("mine")
+    assert main(["validate", str(src), "--out", str(out)]) == 1
+    assert "not a folder" in capsys.readouterr().err and out.read_text() == "mine"
+
+
+def test_out_that_holds_the_input_is_refused(tmp_path, capsys):
+    src = _good_file(tmp_path)
+    assert main(["split", str(src), "--out", str(tmp_path)]) == 1
+    assert "would replace the input" in capsys.readouterr().err and src.is_file()
+
+
+def test_out_that_is_someone_elses_folder_is_refused(tmp_path, capsys):
+    src, out = _good_file(tmp_path), tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.jpg").write_bytes(b"\xff")
+    assert main(["validate", str(src), "--out", str(out)]) == 1
+    assert "no manifest.json" in capsys.readouterr().err and (out / "cat.jpg").is_file()
+
+
+def test_generate_into_a_folder_is_refused(tmp_path, capsys):
+    assert main(["data", "generate", "--out", str(tmp_path)]) == 1
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_an_earlier_output_is_replaced_and_its_hidden_files_kept(tmp_path):
+    src, out = _good_file(tmp_path), tmp_path / "validated"
+    assert main(["validate", str(src), "--out", str(out)]) == 0
+    (out / ".gitignore").write_text("/clean.jsonl\n")  # what DVC leaves in an output's folder
+    assert main(["validate", str(src), "--out", str(out)]) == 0
+    assert (out / ".gitignore").read_text() == "/clean.jsonl\n"
+    assert oct(out.stat().st_mode & 0o777) == oct(0o755)

@@ -65,8 +65,19 @@ def test_local_run_lineage_and_conservation(local_run):
     assert logged["metadata"]["clean"] == val["metrics"]["clean"]  # KFP Metrics carry the step's metrics
 
 
-def test_local_run_on_a_bad_source_fails_cleanly(tmp_path, capsys):
+def test_local_run_on_a_bad_source_names_the_line_before_starting(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1}\n', encoding="utf-8")
     assert main(["run", "--preset", "tiny", "--out", str(tmp_path / "run"), "--source", str(bad)]) == 1
-    assert "local pipeline run failed" in capsys.readouterr().err
+    assert "bad.jsonl:1: missing column(s) 'prompt'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_gate_fails_the_run_and_still_publishes_its_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "tiny", "--out", str(out), "--set", "validate.max_quarantine_fraction=0.01"]) == 1
+    err = capsys.readouterr().err
+    assert "local pipeline run failed" in err and "\x1b[" not in err
+    (report,) = out.glob("kfp/*/validate/report")
+    assert "FAILED" in report.read_text()
+    assert not list(out.glob("kfp/*/filter-rows"))  # nothing ran after the gate
