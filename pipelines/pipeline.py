@@ -5,7 +5,9 @@
 
 The step configs are pipeline parameters (one mapping per step), their defaults baked in from
 the chosen preset of params.yaml at compile time, so a user can change any of them in the
-Kubeflow UI's run form. `source_uri` empty means the built-in synthetic sample set.
+Kubeflow UI's run form. `source_uri` empty means the built-in synthetic sample set; otherwise it
+is a path that the component's container can read (a mounted volume): object-store URIs
+(gs://, s3://) are not read yet.
 """
 
 
@@ -33,6 +35,7 @@ def build_pipeline(params: PipelineParams) -> Any:
     ):
         ingest = data.ingest(source_uri=source_uri, source_config=source_config, generate_config=generate_config)
         ingest.set_display_name("ingest")
+        ingest.set_caching_options(False)  # it reads a path whose content KFP's cache key cannot see
         validate = data.validate(raw=ingest.outputs["raw"], source_config=source_config,
                                  validate_config=validate_config)
         validate.set_display_name("validate")

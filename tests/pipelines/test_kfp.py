@@ -26,6 +26,9 @@ def test_compiled_pipeline_loads_back_with_kfp(tmp_path):
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     tiny, _ = load_params(REPO_PARAMS, "tiny")
     assert inputs["generate_config"]["defaultValue"]["rows"] == tiny.generate.rows
+    # ingest reads a path whose content the cache key cannot see: never cached; the rest are
+    assert not tasks["ingest"]["cachingOptions"].get("enableCache")
+    assert all(tasks[t]["cachingOptions"]["enableCache"] for t in ("validate", "filter-rows", "split"))
     # every component runs the suite's image without installing anything at run time
     for executor in spec["deploymentSpec"]["executors"].values():
         container = executor["container"]
