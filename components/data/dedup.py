@@ -45,7 +45,10 @@ LSH_SLACK = 0.15
 
 
 def normalize(text: str | None) -> str:
-    """NFKC, casefold, whitespace collapsed to single spaces, stripped; None reads as ""."""
+    """NFKC, casefold, whitespace collapsed to single spaces, stripped; None reads as "".
+
+    The one normalization of the data steps: exact duplicates here, shingles for near ones,
+    and the validator's duplicate-rate column all compare texts through it."""
     if not text:
         return ""
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
@@ -74,8 +77,10 @@ def shingles(text: str | None, k: int) -> set[str]:
     return {" ".join(words[i:i + k]) for i in range(len(words) - k + 1)}
 
 
-def numbers(text: str | None) -> tuple[str, ...]:
-    """The numbers written in the text, sorted (a multiset), thousands separators dropped."""
+def number_signature(text: str | None) -> tuple[str, ...]:
+    """The numbers written in the text as strings, sorted (a multiset), thousands separators
+    dropped: two near-duplicate prompts must have the same signature. (Not equations.numbers,
+    which reads values, in order, for arithmetic.)"""
     return tuple(sorted(n.replace(",", "") for n in _NUMBER.findall(normalize(text))))
 
 
@@ -90,7 +95,7 @@ def near_duplicates(rows: Sequence[dict[str, Any]], cfg: FilterConfig,
     from tqdm import tqdm
 
     sets = [shingles(row.get("prompt"), cfg.shingle_words) for row in rows]
-    nums = [numbers(row.get("prompt")) if cfg.near_dup_same_numbers else () for row in rows]
+    nums = [number_signature(row.get("prompt")) if cfg.near_dup_same_numbers else () for row in rows]
     encoded = [[s.encode("utf-8") for s in sorted(sh)] for sh in sets]
     lsh_threshold = max(0.05, cfg.near_dup_threshold - LSH_SLACK)
     lsh = MinHashLSH(threshold=lsh_threshold, num_perm=cfg.num_perm)

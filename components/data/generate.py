@@ -16,6 +16,17 @@ row whether it is noise and of which kind, so the validator and the filters can 
 - broken_field: an answer that is no number, a response without its `####` line, or an answer
   field that disagrees with the response.
 
+Two more kinds are HELD OUT: selectable (`noise_kinds`), but weight 0 in the default mix, and
+unlike wrong_answer not imitated by the label-noise detector's self-supervised corruptions
+(components/data/noise.py), so they measure how it does on errors it was not built around
+(benchmarks/filter_quality.py prints them apart):
+
+- wrong_operation: one step of the worked solution applies the wrong operation ("buys 5 more"
+  worked as 12 - 5 = 7, with the matching step words), every equation arithmetically right and
+  carried to a consistent final line and answer field: a reasoning error no arithmetic check sees;
+- misread_operand: one number of the story is copied wrong into the solution (digits swapped,
+  or off by a little), everything computed correctly from it.
+
 The same seed, rows, noise and kinds give the same bytes.
 """
 
@@ -27,7 +38,10 @@ from pathlib import Path
 
 from components.data.config import GenerateConfig
 
-NOISE_KINDS = ("wrong_answer", "exact_duplicate", "near_duplicate", "empty", "garbage", "broken_field")
+HELD_OUT_KINDS = ("wrong_operation", "misread_operand")
+"""Noise kinds that the label-noise detector does not imitate; weight 0 in the default mix."""
+NOISE_KINDS = ("wrong_answer", "exact_duplicate", "near_duplicate", "empty", "garbage", "broken_field",
+               *HELD_OUT_KINDS)
 
 NAMES = ["Alice", "Bob", "Carmen", "Deepak", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas",
          "Kemi", "Liam", "Mei", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq"]
@@ -133,6 +147,66 @@ def _wrong_answer(rng: random.Random, p: Problem, other: Problem) -> tuple[dict,
     return {"prompt": p.prompt, "response": response, "answer": str(wrong)}, "final answer changed"
 
 
+OTHER_OPS = {"+": "-*/", "-": "+*/", "*": "+-/", "/": "*-+"}
+
+
+def _apply(left: int, op: str, right: int) -> int | None:
+    """The exact, positive result of one step; None when there is none (an uneven division)."""
+    if op == "/":
+        return left // right if right and left % right == 0 and left >= right else None
+    value = {"+": left + right, "-": left - right, "*": left * right}[op]
+    return value if value > 0 else None
+
+
+def _rework(p: Problem, k: int, op: str | None = None, right: int | None = None,
+            start: int | None = None) -> list[tuple[int, str, int, int]] | None:
+    """The steps of `p` with step k's operation or operand (or the start) replaced and every later
+    step recomputed from it; None when a step has no exact positive result or the answer is unchanged."""
+    steps, cur = [], p.steps[0][0] if start is None else start
+    for i, (_, o, r, _) in enumerate(p.steps):
+        if i == k:
+            o, r = op or o, r if right is None else right
+        result = _apply(cur, o, r)
+        if result is None:
+            return None
+        steps.append((cur, o, r, result))
+        cur = result
+    return steps if str(cur) != p.answer else None
+
+
+def _held_out(rng: random.Random, p: Problem, kind: str) -> tuple[dict, str] | None:
+    """A wrong_operation or misread_operand row: consistent, arithmetically right, wrongly answered;
+    None when no step of `p` admits one (a misread of `7 / 7` or `2 - 1` that still divides or
+    stays positive), and the caller draws another problem."""
+    name, item = _story_words(p.prompt)
+    order = list(range(len(p.steps)))
+    rng.shuffle(order)
+    for k in order:
+        left, op, right, _ = p.steps[k]
+        if kind == "wrong_operation":
+            for new_op in rng.sample(OTHER_OPS[op], 3):
+                steps = _rework(p, k, op=new_op)
+                if steps:
+                    detail = f"step {k + 1} applies {new_op} instead of {op}"
+                    return {"prompt": p.prompt, "response": render_response(name, item, steps[0][0], steps),
+                            "answer": str(steps[-1][3])}, detail
+        else:
+            misread_start = k == 0 and rng.random() < 0.3
+            old = left if misread_start else right
+            if old < 2:
+                continue
+            swapped = int(str(old)[::-1]) if old >= 10 and str(old) != str(old)[::-1] else None
+            for new in ([swapped] if swapped else []) + [old + d for d in rng.sample((-3, -2, -1, 1, 2, 3), 6)]:
+                if new < 1 or new == old:
+                    continue
+                steps = _rework(p, k, start=new) if misread_start else _rework(p, k, right=new)
+                if steps:
+                    detail = f"{'start' if misread_start else f'step {k + 1}'} uses {new} for {old} from the story"
+                    return {"prompt": p.prompt, "response": render_response(name, item, steps[0][0], steps),
+                            "answer": str(steps[-1][3])}, detail
+    return None
+
+
 def _near_duplicate(rng: random.Random, row: dict) -> tuple[dict, str]:
     prompt = row["prompt"]
     how = rng.random()
@@ -221,6 +295,11 @@ def generate(cfg: GenerateConfig) -> tuple[list[dict], list[dict]]:
         else:
             if kind == "wrong_answer":
                 row, detail = _wrong_answer(rng, source, rng.choice(clean) if clean else source)
+            elif kind in HELD_OUT_KINDS:
+                made = _held_out(rng, source, kind)
+                while made is None:
+                    made = _held_out(rng, make_problem(rng, cfg.max_ops), kind)
+                row, detail = made
             else:
                 row, detail = {"empty": _empty, "garbage": _garbage, "broken_field": _broken_field}[kind](rng, base)
             insert_at = rng.randint(0, len(entries))
@@ -252,11 +331,14 @@ def run(cfg: GenerateConfig, out: str | Path) -> dict:
     import tempfile
     from collections import Counter
 
-    from components.artifacts import manifest, write_json
+    from components.artifacts import OutputError, manifest, write_json
     from components.config import to_dict
     from components.data.load import write_jsonl
 
     out = Path(out)
+    for target in (out, truth_path(out), manifest_path(out)):
+        if target.exists() and not target.is_file():
+            raise OutputError(f"{target}: is a folder or special file; --out names the .jsonl file to write")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, truth = generate(cfg)
     kinds = Counter(t["kind"] for t in truth if t["noise"])

@@ -35,7 +35,8 @@ from typing import Any
 from components.data.config import FilterConfig
 
 _MOJIBAKE = re.compile("[\u00c2\u00c3\u00e2][\u0080-\u00bf]|\u00e2\u20ac|\ufffd")
-_NUMERIC_WORD = re.compile(r"^[$€£(]*[-+]?\d[\d,.:/]*(?:%|k|st|nd|rd|th|s)?[).,;:!?]*$", re.IGNORECASE)
+_NUMERIC_WORD = re.compile(r"^[$€£(]*+[-+]?\d[\d,.:/]*+(?:%|k|st|nd|rd|th|s)?[).,;:!?]*+$", re.IGNORECASE)
+"""Possessive, so that a word like `1.,.,.,` (no repeat run) costs linear time, not quadratic."""
 _ALPHA_WORD = re.compile(r"^\W*[^\W\d_]+(?:['’\-][^\W\d_]+)*\W*$")
 PUNCTUATION = set(".,;:!?'\"()[]{}-–—‘’“”/\\+*=<>%$€£#…×÷")
 """Characters that count neither as symbols nor as letters (text and arithmetic punctuation)."""

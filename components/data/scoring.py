@@ -27,7 +27,8 @@ def score_cleaning(truth: list[dict[str, Any]], dropped_ids: set[str]) -> dict[s
 
 def clean_and_score(rows: list[dict[str, Any]], truth: list[dict[str, Any]], validate_cfg: Any,
                     filter_cfg: Any) -> dict[str, Any]:
-    """Run validate (no Data Docs) then filter on `rows`; score; time both stages."""
+    """Run validate (no Data Docs) then filter on `rows`; score; time both stages; the mean weight
+    of the kept noise rows and of the kept clean rows."""
     import time
 
     from components.data.filter import filter_rows
@@ -40,5 +41,15 @@ def clean_and_score(rows: list[dict[str, Any]], truth: list[dict[str, Any]], val
     t2 = time.perf_counter()
     dropped = {r["id"] for r in validated.quarantined} | {r["id"] for r in removed}
     result = score_cleaning(truth, dropped)
-    result.update(rows=len(rows), kept=len(kept), validate_seconds=t1 - t0, filter_seconds=t2 - t1)
+    result.update(rows=len(rows), kept=len(kept), validate_seconds=t1 - t0, filter_seconds=t2 - t1,
+                  kept_noise_weight=_mean_weight(kept, truth, noise=True),
+                  kept_clean_weight=_mean_weight(kept, truth, noise=False))
     return result
+
+
+def _mean_weight(kept: list[dict[str, Any]], truth: list[dict[str, Any]], noise: bool) -> float:
+    """Mean sample weight of the kept rows that are (or are not) noise; nan when there are none:
+    noise the filter keeps is still down-weighted when this is below the clean rows' mean."""
+    is_noise = {t["id"]: t["noise"] for t in truth}
+    weights = [r["weight"] for r in kept if is_noise.get(r["id"]) is noise]
+    return sum(weights) / len(weights) if weights else float("nan")

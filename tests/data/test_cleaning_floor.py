@@ -1,5 +1,6 @@
 """The floor the benchmark reports: at 20 % injected noise, validate -> filter drops the noise
-with precision >= 0.90 and recall >= 0.80 (benchmarks/filter_quality.py prints the full table)."""
+with precision >= 0.90 and recall >= 0.80 (benchmarks/filter_quality.py prints the full table).
+Seeds 7 and 13 were not used to tune the reader, the proxy or `drop_below` (0..2 were)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from components.data.generate import generate
 from components.data.scoring import clean_and_score, score_cleaning
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [7, 13])
 def test_cleaning_meets_the_floor_at_20_percent_noise(seed):
     rows, truth = generate(GenerateConfig(rows=2000, noise=0.2, seed=seed))
     result = clean_and_score(rows, truth, ValidateConfig(data_docs=False), FilterConfig(seed=seed))

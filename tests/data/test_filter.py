@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from components.data.config import FilterConfig, GenerateConfig, SourceConfig
-from components.data.dedup import normalize
-from components.data.equations import equations, evaluate, final_value
+from components.data.dedup import normalize, number_signature
+from components.data.equations import MAX_SCAN_CHARS, equations, evaluate, final_value, stated_values
 from components.data.filter import filter_rows, run
 from components.data.generate import generate
 from components.data.load import DataError, load_rows, write_jsonl
-from components.data.noise import corrupt_step, label_of, normalized_weights
+from components.data.noise import corrupt_step, features, label_of, normalized_weights
 from components.data.quality import quality_issue
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -38,10 +40,13 @@ def problem(i: int, **over) -> dict:
 def check_partition(rows, kept, removed):
     assert len(kept) + len(removed) == len(rows)
     assert Counter(r["id"] for r in kept + removed) == Counter(r["id"] for r in rows)
+    given = {r["id"]: r for r in rows}
     for r in kept:
         assert isinstance(r["weight"], float)
+        assert {k: v for k, v in r.items() if k != "weight"} == {k: v for k, v in given[r["id"]].items() if k != "weight"}
     for r in removed:
         assert r["reason"] and r["detail"]
+        assert {k: v for k, v in r.items() if k not in ("reason", "detail")} == given[r["id"]]
 
 
 # ---- duplicates --------------------------------------------------------------------------------
@@ -49,6 +54,17 @@ def check_partition(rows, kept, removed):
 def test_normalize():
     assert normalize("  ＡＢＣ\t Déjà\n\nVU ") == "abc déjà vu"
     assert normalize(None) == ""
+    assert number_signature("Liam has 1,200 stamps and 3 boxes of 3") == ("1200", "3", "3")
+
+
+def test_extra_columns_are_carried_through_kept_and_removed_rows():
+    rows = [{**problem(i), "source": f"s{i}", "weight": 0.25, "meta": {"k": i}} for i in range(6)]
+    rows.append({**rows[3], "id": "copy", "source": "other"})
+    kept, removed, _ = filter_rows(rows, FilterConfig(), **QUIET)
+    check_partition(rows, kept, removed)
+    assert [(r["id"], r["source"], r["meta"]) for r in removed] == [("copy", "other", {"k": 3})]
+    assert [r["source"] for r in kept] == [f"s{i}" for i in range(6)]
+    assert all(r["weight"] == 1.0 for r in kept)  # an incoming weight is replaced (no model: < 20 judged rows)
 
 
 def test_exact_duplicates_differing_in_case_and_space_are_removed_first_kept():
@@ -156,7 +172,71 @@ def test_reader_edge_cases():
     assert evaluate("1/0") is None and evaluate("__import__('os')") is None and evaluate("9**9**9") is None
     assert [e.written for e in equations("She earned 0.2 x 50 = $<<0.2*50=10>>10.")] == ["10"]
     assert equations("He works M + 4 + 2 = 8 hours, and 2/12 = 1/6 of it") == ()
+    assert equations("We have: 21/7 = 90/x, and 6:00+18 hours = 00:00, so 600 x 30 = 18 000 watts") == ()
     assert final_value("a\n#### 1,250")[0] == 1250 and final_value("no marker")[0] is None
+    assert evaluate("1 1/2 * 4") == 6 and evaluate("12 x 1 and 1/4") == 15 and evaluate("25 / 1/3") == 75
+    assert evaluate("2,430 – 1,250") == 1180
+
+
+# what GSM8K writes, each read as a right equation (these were false label-noise flags)
+GSM8K_STYLE = {
+    "2 segments / 8 segments * 100% = 25%": ("25", 25),
+    "8 pushups / 40 exercises * 100% = 20%": ("20", 20),
+    "15 trucks / 90 vehicles * 100% = 16.66...%, which rounds up to 17%": ("16.66", 16.66),
+    "And the length of the patio is 4*x = 4*10 = 40 feet.": ("40", 40),
+    "in 1800 seconds, Julia could download 1800/(1/4) = 1800 * 4 = 7200 songs": ("7200", 7200),
+    "Hunter could eat 1 1/2 times, so 1 1/2 * 4 = 6 hotdogs": ("6", 6),
+    "He can bake 25 / 1/3 = 75 cupcakes": ("75", 75),
+    "so she can fill 100 / 6 = 16 pages": ("16", 16),
+    "then 7+9+1+2 = 19 and 4 minutes * 60 seconds/minute + 30 seconds = 240 seconds + 30 seconds = 270": ("19", 19),
+}
+
+
+@pytest.mark.parametrize("text", sorted(GSM8K_STYLE))
+def test_reader_reads_gsm8k_notation(text):
+    eqs = equations(text)
+    assert eqs and all(e.correct for e in eqs), [(e.expr, e.written, e.value) for e in eqs]
+    assert GSM8K_STYLE[text] in [(e.written, e.result) for e in eqs]
+
+
+def test_wrong_equations_stay_wrong():
+    for text in ("so 2 * 8 = 24 hours", "17 / 3 = 7 groups", "15 / 90 * 100% = 17.5%", "3 1/2 * 2 = 8",
+                 "so x = 4 * 10 = 45 hours"):
+        assert [e.correct for e in equations(text)] == [False], text
+
+
+def test_stated_values_are_what_follows_an_equals_sign():
+    assert stated_values("so 3/2x = 120 and x = 80 while y = 2 * 4 = 8, and z = 1/6") == (120, 80, 8)
+    assert stated_values("at 6:00 = 6:48 PM, 18 000 = 18 000") == ()
+
+
+ADVERSARIAL = ["1 apples + " * 9100, "1 + " * 25000, "(" * 100_000, "((1 " * 25000, "1" + " " * 100_000 + "x",
+               "1234567890" * 10_000, "1 = " * 25000, "<<" + "1+" * 50_000 + "=3>>", "1/ " * 33_000,
+               "$1 apples/day * " * 6250, "1 1/2 x " * 12_500]
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL, ids=[t[:12] for t in ADVERSARIAL])
+def test_reader_is_linear_on_adversarial_text(text):
+    # the old nested regex took 3 s on 22 KB of "1 apples + " and 47 s on 88 KB
+    assert len(text) >= 99_000
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("reader too slow")))
+    signal.alarm(5)
+    try:
+        t = time.perf_counter()
+        equations(text + " ")  # a string not seen before: no cache
+        stated_values(text)
+        evaluate(text[:MAX_SCAN_CHARS])
+        features(text, text, "3")
+        quality_issue({"prompt": text, "response": text}, FilterConfig())
+        elapsed = time.perf_counter() - t
+    finally:
+        signal.alarm(0)
+    assert elapsed < 1.0, elapsed
+
+
+def test_reader_reads_only_the_first_max_scan_chars():
+    assert equations("2 + 2 = 4 " + " " * MAX_SCAN_CHARS) != ()
+    assert equations(" " * MAX_SCAN_CHARS + "2 + 2 = 4") == ()
 
 
 def test_step_corruption_is_carried_to_the_answer():
@@ -186,6 +266,26 @@ def test_label_noise_finds_wrong_answers():
     weights = [r["weight"] for r in kept]
     assert sum(weights) / len(weights) == pytest.approx(1.0, abs=1e-9)
     assert min(weights) >= FilterConfig().min_weight
+    noise = report["label_noise"]
+    assert noise["refit"] and noise["dropped"] + noise["flagged_kept_downweighted"] == noise["flagged"]
+    assert report["flagged_kept_downweighted"] == noise["flagged_kept_downweighted"]
+
+
+def test_flagged_rows_above_drop_below_are_kept_down_weighted():
+    rows, truth = generate(GenerateConfig(rows=600, noise=0.2, seed=4, noise_kinds={"wrong_answer": 1.0}))
+    wrong = {t["id"] for t in truth if t["noise"]}
+    runs = {d: filter_rows(rows, FilterConfig(drop_below=d), **QUIET) for d in (0.0, 0.2, 1.0)}
+    flagged = runs[1.0][2]["label_noise"]["flagged"]
+    assert flagged > 0.8 * len(wrong) and len(runs[1.0][1]) == flagged
+    kept, removed, report = runs[0.0]
+    assert removed == [] and report["flagged_kept_downweighted"] == flagged
+    by_id = {r["id"]: r["weight"] for r in kept}
+    assert max(by_id[i] for i in wrong) < 0.5 < min(w for i, w in by_id.items() if i not in wrong)
+    example = report["label_noise"]["flagged_kept_examples"][0]
+    assert example["id"] in wrong and example["detail"].startswith("p(answer right) = ")
+    kept, removed, report = runs[0.2]
+    ps = [float(r["detail"].split("= ")[1].split(":")[0]) for r in removed]
+    assert len(removed) + report["flagged_kept_downweighted"] == flagged and max(ps) < 0.2 + 0.005
 
 
 @settings(max_examples=100, deadline=None)
@@ -240,12 +340,18 @@ def test_run_on_malformed_input_leaves_nothing(tmp_path):
 
 # ---- real data ---------------------------------------------------------------------------------
 
-def test_gsm8k_is_mostly_kept():
+def test_gsm8k_is_kept():
+    # GSM8K's answers are curated: what label_noise removes is (mostly) a false positive. Measured
+    # on all 7,473 train rows: 1.36 % removed as label noise, 1.65 % flagged (0.28 % kept,
+    # down-weighted), 1 near-duplicate; before the reader learned GSM8K's notation, 3.7 %.
     path = SHARED_DATA / "gsm8k" / "train.jsonl"
     if not path.is_file():
         pytest.skip(f"GSM8K not found at {path} (a fresh clone has no ../shared/data)")
-    rows = load_rows(path, SourceConfig(fields={"prompt": "question", "response": "answer"}))[:1000]
+    rows = load_rows(path, SourceConfig(fields={"prompt": "question", "response": "answer"}))
     kept, removed, report = filter_rows(rows, FilterConfig(), **QUIET)
     check_partition(rows, kept, removed)
     print(f"GSM8K: {len(removed)} of {len(rows)} removed: {report['removed_by_reason']}")
-    assert len(removed) / len(rows) < 0.10
+    reasons = Counter(r["reason"] for r in removed)
+    assert reasons["label_noise"] / len(rows) < 0.02
+    assert report["label_noise"]["flagged"] / len(rows) < 0.025
+    assert (len(removed) - reasons["label_noise"]) / len(rows) < 0.005

@@ -13,6 +13,7 @@ from components.artifacts import sha256_file
 from components.data.config import GenerateConfig
 from components.data.generate import (
     FRIENDS,
+    HELD_OUT_KINDS,
     NOISE_KINDS,
     PHRASES,
     generate,
@@ -60,22 +61,26 @@ def sentence_patterns(name: str, item: str) -> list[tuple[str, re.Pattern]]:
     return out
 
 
-def solve(prompt: str) -> int:
-    """The answer of a generated problem, read from its story alone (independent of the response)."""
-    name, start, item = re.match(r"(\w+) has (\d+) (\w+)\. ", prompt).groups()
+def sentence_ops(prompt: str) -> list[tuple[str, int]]:
+    """(op, operand) of each sentence of a generated story, in order."""
+    name, _, item = re.match(r"(\w+) has (\d+) (\w+)\. ", prompt).groups()
     body = prompt[prompt.index(". ") + 2: prompt.rindex(f" How many {item} does {name} have now?")]
-    sentences = sentence_patterns(name, item)
-    cur, pos = int(start), 0
+    out, pos = [], 0
     while pos < len(body):
         pos += body[pos] == " "
-        for op, pattern in sentences:
-            m = pattern.match(body, pos)
-            if m:
-                cur = apply(cur, op, int(m.group(1)))
-                pos = m.end()
-                break
-        else:
-            raise AssertionError(f"unparsed story at {body[pos:]!r}")
+        found = [(op, m) for op, pattern in sentence_patterns(name, item) if (m := pattern.match(body, pos))]
+        assert found, f"unparsed story at {body[pos:]!r}"
+        op, m = found[0]
+        out.append((op, int(m.group(1))))
+        pos = m.end()
+    return out
+
+
+def solve(prompt: str) -> int:
+    """The answer of a generated problem, read from its story alone (independent of the response)."""
+    cur = int(re.match(r"\w+ has (\d+) ", prompt).group(1))
+    for op, n in sentence_ops(prompt):
+        cur = apply(cur, op, n)
     return cur
 
 
@@ -129,9 +134,11 @@ def test_noise_kinds_are_only_the_configured_ones():
     assert kinds["exact_duplicate"] > kinds["garbage"]  # weights 2:1 over 200 draws
 
 
-def test_default_config_uses_every_kind(sample):
+def test_default_config_uses_every_kind_but_the_held_out_ones(sample):
     _, _, truth = sample
-    assert set(t["kind"] for t in truth if t["noise"]) == set(NOISE_KINDS)
+    assert set(t["kind"] for t in truth if t["noise"]) == set(NOISE_KINDS) - set(HELD_OUT_KINDS)
+    assert not set(HELD_OUT_KINDS) & set(GenerateConfig().noise_kinds)
+    GenerateConfig(noise_kinds={k: 1.0 for k in HELD_OUT_KINDS}).check()  # selectable
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
@@ -207,6 +214,32 @@ def test_wrong_answers_stay_wrong_in_long_chains(seed):
             assert r["answer"] == final_answer(r["response"])
     assert {t["detail"] for t in truth if t["noise"]} == {
         "final answer changed", "answer of another problem", *(f"step {k} miscomputed" for k in range(1, 7))}
+
+
+@pytest.mark.parametrize("kind", HELD_OUT_KINDS)
+def test_held_out_rows_are_consistent_right_arithmetic_with_a_wrong_answer(kind):
+    rows, truth = generate(GenerateConfig(rows=1200, noise=0.5, seed=2, max_ops=6, noise_kinds={kind: 1.0}))
+    details = Counter()
+    for r, t in zip(rows, truth):
+        marks = MARK.findall(r["response"])
+        for left, op, right, result, shown in marks:  # every equation is right and exact
+            assert apply(int(left), op, int(right)) == int(result) == int(shown) > 0, (r, t)
+        assert all(int(marks[i][0]) == int(marks[i - 1][3]) for i in range(1, len(marks)))  # chained
+        assert r["answer"] == marks[-1][3] == final_answer(r["response"])  # consistent to the end
+        assert (int(r["answer"]) != solve(r["prompt"])) == t["noise"], (r, t)
+        if t["noise"]:
+            assert t["kind"] == kind
+            details[t["detail"].split()[0]] += 1
+            story = [int(n) for n in re.findall(r"\d+", r["prompt"])]  # the start, then one per step
+            used = [int(marks[0][0])] + [int(m[2]) for m in marks]
+            misread = sum(a != b for a, b in zip(story, used))
+            ops_story = [op for op, _ in sentence_ops(r["prompt"])]
+            ops_used = [m[1] for m in marks]
+            if kind == "wrong_operation":  # the story's numbers, one other operation
+                assert misread == 0 and sum(a != b for a, b in zip(ops_story, ops_used)) == 1, (r, t)
+            else:  # the story's operations, one number copied wrong
+                assert misread == 1 and ops_story == ops_used, (r, t)
+    assert sum(details.values()) == 600 and len(details) >= 1
 
 
 def test_broken_field_rows_are_broken(sample):
