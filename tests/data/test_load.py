@@ -78,12 +78,16 @@ def test_json_and_ndjson_suffixes_are_jsonl(tmp_path):
         assert load_rows(path) == ROWS
 
 
-def test_csv_loads_canonical_rows_empty_cells_as_none(tmp_path):
-    path = tmp_path / "rows.csv"
+def _write_csv(path, rows) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(CANONICAL))
         writer.writeheader()
-        writer.writerows(ROWS)
+        writer.writerows(rows)
+
+
+def test_csv_loads_canonical_rows_empty_cells_as_none(tmp_path):
+    path = tmp_path / "rows.csv"
+    _write_csv(path, ROWS)
     assert load_rows(path) == ROWS
 
 
@@ -390,10 +394,7 @@ csv_text = st.text(min_size=1, alphabet=st.characters(exclude_categories=("Cs",)
 @given(rows=st.lists(st.fixed_dictionaries({c: csv_text for c in CANONICAL}), min_size=1, max_size=6))
 def test_any_text_rows_round_trip_through_csv(tmp_path, rows):
     path = tmp_path / "rt.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(CANONICAL))
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(path, rows)
     assert load_rows(path) == rows
 
 
