@@ -1,0 +1,214 @@
+"""Training checkpoints: safetensors plus JSON, written atomically, the last K kept.
+
+    <root>/step-00000120/
+        model.safetensors              module weights (rank 0)
+        optimizer-rank00000.safetensors  every tensor of that rank's optimizer state
+        state-rank00000.json           the rest of that rank's state: the optimizer's structure,
+                                       scheduler, RNG states, engine counters, caller's extra state
+    <root>/latest                      the name of the newest complete checkpoint
+
+Nothing is pickled, so a checkpoint from anywhere can be loaded safely. The optimizer's state
+dict (a DeepSpeed ZeRO optimizer's included: Adam moments, fp32 master partitions, loss scaler)
+is split into a JSON tree and a flat map of tensors; objects of the optimizer's own (its loss
+scaler, ZeRO's fragment addresses) are stored as their plain attributes and, on load, set onto
+the fresh optimizer's objects of the same place, so `load_state_dict` gets back what it gave.
+
+A checkpoint is written into a temporary folder and renamed into place, then `latest` is
+replaced (write, fsync, rename); a process killed at any moment leaves the previous checkpoint
+complete and named by `latest`. Several ranks: rank 0 makes and publishes the folder, every
+rank writes its own optimizer partition in between, with barriers around.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+# ---- state trees: JSON structure + flat tensors ----------------------------------------------
+
+def flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON-able tree of `obj`; its tensors go into `tensors` under dotted keys."""
+    if torch.is_tensor(obj):
+        tensors[prefix] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[flatten(k, f"{prefix}.k{i}", tensors), flatten(v, f"{prefix}.{i}", tensors)]
+                             for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        kind = "__list__" if isinstance(obj, list) else "__tuple__"
+        return {kind: [flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    attrs = {k: v for k, v in vars(obj).items() if v is None or isinstance(v, (bool, int, float, str))} \
+        if hasattr(obj, "__dict__") else {}
+    return {"__object__": type(obj).__name__, "attrs": attrs}
+
+
+def unflatten(node: Any, tensors: dict[str, torch.Tensor], template: Any = None) -> Any:
+    """The inverse of `flatten`; `template` (the fresh state at the same place) supplies objects."""
+    if isinstance(node, dict):
+        if "__tensor__" in node:
+            return tensors[node["__tensor__"]]
+        if "__object__" in node:
+            if template is None or type(template).__name__ != node["__object__"]:
+                raise ValueError(f"checkpoint holds a {node['__object__']} where the optimizer has "
+                                 f"{type(template).__name__}: was it saved with another configuration?")
+            for key, value in node["attrs"].items():
+                setattr(template, key, value)
+            return template
+        if "__dict__" in node:
+            out = {}
+            for k, v in node["__dict__"]:
+                key = unflatten(k, tensors)
+                out[key] = unflatten(v, tensors, template.get(key) if isinstance(template, dict) else None)
+            return out
+        for kind, ctor in (("__list__", list), ("__tuple__", tuple)):
+            if kind in node:
+                items = node[kind]
+                same = isinstance(template, (list, tuple)) and len(template) == len(items)
+                return ctor(unflatten(v, tensors, template[i] if same else None) for i, v in enumerate(items))
+    return node
+
+
+# ---- RNG ----------------------------------------------------------------------------------------
+
+def rng_state(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    tensors["rng.torch"] = torch.get_rng_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    return {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, list(internal), gauss_next]}
+
+
+def set_rng_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    kind, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# ---- save / load --------------------------------------------------------------------------------
+
+def _dist() -> tuple[int, int, Any]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.distributed.barrier
+    return 0, 1, lambda: None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _engine_parts(engine: Any) -> tuple[torch.nn.Module, Any, Any]:
+    """(module, optimizer, scheduler) of a DeepSpeed engine or of a plain (module, optimizer)."""
+    module = getattr(engine, "module", engine)
+    return module, getattr(engine, "optimizer", None), getattr(engine, "lr_scheduler", None)
+
+
+COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+
+def save(root: str | os.PathLike, step: int, engine: Any, extra: dict[str, Any] | None = None,
+         keep: int = 3) -> Path:
+    """Write checkpoint `step` under `root`, point `latest` at it, keep the newest `keep`."""
+    root = Path(root)
+    rank, world, barrier = _dist()
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    module, optimizer, scheduler = _engine_parts(engine)
+    if rank == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    state = {
+        "step": step, "world_size": world,
+        "optimizer": flatten(optimizer.state_dict(), "optimizer", tensors) if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "counters": {c: getattr(engine, c) for c in COUNTERS if isinstance(getattr(engine, c, None), int)},
+        "rng": rng_state(tensors),
+        "extra": extra or {},
+    }
+    save_file(tensors, str(tmp / f"optimizer-rank{rank:05d}.safetensors"))
+    _write_json(tmp / f"state-rank{rank:05d}.json", state)
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(final.name + "\n", encoding="utf-8")
+        os.replace(pointer, root / LATEST)
+        for old in checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temporary folders are not listed)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+
+
+def latest(root: str | os.PathLike) -> Path | None:
+    """The checkpoint `latest` names, or the newest complete one; None when there is none."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text(encoding="utf-8").strip()
+        if named.is_dir() and STEP_DIR.match(named.name):
+            return named
+    found = checkpoints(root)
+    return found[-1] if found else None
+
+
+def load(path: str | os.PathLike, engine: Any) -> dict[str, Any]:
+    """Restore module, optimizer, scheduler, counters and RNG from checkpoint folder `path`;
+    returns {"step": ..., "extra": ...} for the caller's own state (data position...)."""
+    path = Path(path)
+    rank, world, _ = _dist()
+    state = json.loads((path / f"state-rank{rank:05d}.json").read_text(encoding="utf-8"))
+    if state["world_size"] != world:
+        raise ValueError(f"{path}: saved by {state['world_size']} processes, loading into {world}; "
+                         f"resuming under another data-parallel size is not supported yet")
+    tensors = load_file(str(path / f"optimizer-rank{rank:05d}.safetensors"))
+    module, optimizer, scheduler = _engine_parts(engine)
+    module.load_state_dict(load_file(str(path / "model.safetensors")))
+    if optimizer is not None and state["optimizer"] is not None:
+        restored = unflatten(state["optimizer"], tensors, optimizer.state_dict())
+        if hasattr(optimizer, "load_state_dict") and "single_partition_of_fp32_groups" in restored:
+            # ZeRO indexes the list by data-parallel rank; with the saving topology each rank
+            # needs only its own partition, which is what this rank's files hold
+            optimizer.load_state_dict([restored] * world, load_optimizer_states=True, load_from_fp32_weights=True)
+        else:
+            optimizer.load_state_dict(restored)
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    for name, value in state["counters"].items():
+        setattr(engine, name, value)
+    set_rng_state(state["rng"], tensors)
+    return {"step": state["step"], "extra": state["extra"]}
