@@ -5,6 +5,7 @@
     distillery validate data/sample/raw.jsonl --out data/validated
     distillery filter data/validated/clean.jsonl --out data/filtered
     distillery split data/filtered/kept.jsonl --out data/split
+    distillery train --stage base --data data/split --out data/base   # DeepSpeed; again to resume
     distillery compile --out pipeline.yaml                  # IR YAML for the Kubeflow UI
     distillery params --preset tiny                         # the resolved parameters
 
@@ -94,6 +95,15 @@ def cmd_split(args: argparse.Namespace) -> None:
     _report("split", split.run(args.input, _params(args).split, args.out), Path(args.out))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from components.train import base
+
+    params = _params(args)
+    summary = base.run(params.model, params.train, params.tokenizer, args.out, data_dir=args.data, text=args.text,
+                       fresh=args.fresh)
+    _report(f"train {args.stage}", summary, Path(args.out))
+
+
 def cmd_compile(args: argparse.Namespace) -> None:
     from pipelines.pipeline import compile_pipeline
 
@@ -124,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--preset", help="tiny, small or base (default: the file's `preset:`)")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one parameter, e.g. --set filter.folds=3 (repeatable)")
+    common.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser = argparse.ArgumentParser(prog="distillery", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the launcher puts it first
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="data sources").add_subparsers(dest="data_command", required=True)
@@ -147,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("input")
         p.add_argument("--out", required=True, help="output folder (replaced whole, only on success)")
         p.set_defaults(func=func)
+
+    tr = sub.add_parser("train", parents=[common], help="train a stage on DeepSpeed (run again to resume)")
+    tr.add_argument("--stage", choices=["base"], default="base", help="the training stage")
+    source = tr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a split folder (train.jsonl, val.jsonl)")
+    source.add_argument("--text", help="a plain-text corpus instead, e.g. ../shared/data/tinyshakespeare/input.txt")
+    tr.add_argument("--out", required=True, help="the stage's folder: checkpoints, metrics, model")
+    tr.add_argument("--fresh", action="store_true", help="start afresh: remove the folder's earlier checkpoints")
+    tr.set_defaults(func=cmd_train)
 
     comp = sub.add_parser("compile", parents=[common], help="write the pipeline's IR YAML")
     comp.add_argument("--out", default="pipeline.yaml")

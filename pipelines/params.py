@@ -16,6 +16,8 @@ import yaml
 
 from components.config import ConfigError, from_dict, merge, to_dict
 from components.data.config import FilterConfig, GenerateConfig, SourceConfig, SplitConfig, ValidateConfig
+from components.model import ModelConfig
+from components.train.config import TokenizerConfig, TrainConfig
 
 REPO_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 
@@ -34,6 +36,12 @@ class PipelineParams:
     """De-duplication, quality, label noise, weights."""
     split: SplitConfig = field(default_factory=SplitConfig)
     """Train / val / test assignment."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """The tokenizer trained with the base stage."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The language model's architecture."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The base training stage on DeepSpeed."""
 
     def as_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -16,6 +16,7 @@ from typing import Any
 from kfp import compiler, dsl
 
 from components.data import component as data
+from components.train import component as training
 from pipelines.local import PIPELINE_NAME
 from pipelines.params import PipelineParams
 
@@ -32,6 +33,9 @@ def build_pipeline(params: PipelineParams) -> Any:
         validate_config: dict = p["validate"],
         filter_config: dict = p["filter"],
         split_config: dict = p["split"],
+        tokenizer_config: dict = p["tokenizer"],
+        model_config: dict = p["model"],
+        train_config: dict = p["train"],
     ):
         ingest = data.ingest(source_uri=source_uri, source_config=source_config, generate_config=generate_config)
         ingest.set_display_name("ingest")
@@ -43,6 +47,9 @@ def build_pipeline(params: PipelineParams) -> Any:
         kept.set_display_name("filter")
         split = data.split(kept=kept.outputs["kept"], split_config=split_config)
         split.set_display_name("split")
+        base = training.train_base(splits=split.outputs["splits"], tokenizer_config=tokenizer_config,
+                                   model_config=model_config, train_config=train_config)
+        base.set_display_name("train base")
 
     return distillery
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
@@ -81,6 +82,34 @@ def unflatten(node: Any, tensors: dict[str, torch.Tensor], template: Any = None)
                 same = isinstance(template, (list, tuple)) and len(template) == len(items)
                 return ctor(unflatten(v, tensors, template[i] if same else None) for i, v in enumerate(items))
     return node
+
+
+# ---- module weights: tied tensors stored once ---------------------------------------------------
+
+def save_module(module: torch.nn.Module, path: Path) -> None:
+    """The module's state in safetensors; a tensor tied to an earlier one (lm_head = embedding) is
+    stored once and named in the file's metadata. (safetensors' own save_model cannot decide
+    which name to keep when DeepSpeed has made every parameter a view of one flat buffer.)"""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
+    for name, value in module.state_dict().items():
+        key = (value.data_ptr(), tuple(value.shape), value.dtype)
+        if key in seen and value.numel() > 0:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = value.detach().cpu().contiguous().clone()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def load_module(module: torch.nn.Module, path: Path) -> None:
+    """Load what `save_module` wrote, strictly: every key of the module must be there."""
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    tensors = load_file(str(path))
+    tensors.update({name: tensors[target] for name, target in aliases.items()})
+    module.load_state_dict(tensors, strict=True)
 
 
 # ---- RNG ----------------------------------------------------------------------------------------
@@ -139,8 +168,7 @@ def save(root: str | os.PathLike, step: int, engine: Any, extra: dict[str, Any] 
     barrier()
     module, optimizer, scheduler = _engine_parts(engine)
     if rank == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                  str(tmp / "model.safetensors"))
+        save_module(module, tmp / "model.safetensors")
     tensors: dict[str, torch.Tensor] = {}
     state = {
         "step": step, "world_size": world,
@@ -197,7 +225,7 @@ def load(path: str | os.PathLike, engine: Any) -> dict[str, Any]:
                          f"resuming under another data-parallel size is not supported yet")
     tensors = load_file(str(path / f"optimizer-rank{rank:05d}.safetensors"))
     module, optimizer, scheduler = _engine_parts(engine)
-    module.load_state_dict(load_file(str(path / "model.safetensors")))
+    load_module(module, path / "model.safetensors")
     if optimizer is not None and state["optimizer"] is not None:
         restored = unflatten(state["optimizer"], tensors, optimizer.state_dict())
         if hasattr(optimizer, "load_state_dict") and "single_partition_of_fp32_groups" in restored:

@@ -4,6 +4,7 @@ equation reader, label noise against the generator's ground truth, weights, the 
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import time
@@ -11,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from components.data.config import FilterConfig, GenerateConfig, SourceConfig
@@ -153,6 +154,9 @@ def test_equations_are_read_and_checked(a, b, op, mark, delta):
     assert eq.mark is mark and eq.correct
     assert evaluate(f"{a} {op} {b}") == pytest.approx(OPS[op](a, b))
     wrong = written(float(c) + delta)
+    exact = OPS[op](a, b)
+    # documented tolerance: a whole result of a division may be rounded down or up (`= 17` boxes)
+    assume(not (op == "/" and "." not in wrong and math.floor(exact) <= float(wrong) <= math.ceil(exact)))
     text = f"<<{a}{op}{b}={wrong}>>{wrong}" if mark else f"then {a} {op} {b} = {wrong}."
     (eq,) = equations(text)
     assert not eq.correct

@@ -41,7 +41,8 @@ def test_dvc_repro_runs_the_stages_and_then_is_up_to_date(tmp_path):
                 "data/split/train.jsonl", "dvc.lock"):
         assert (work / out).is_file(), out
     lock = yaml.safe_load((work / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"generate", "validate", "filter", "split"}
+    assert set(lock["stages"]) == {"generate", "validate", "filter", "split", "train_base"}
+    assert (work / "data/base/model/model.safetensors").is_file()
     assert lock["stages"]["generate"]["params"]["params.yaml"]["preset"] == "tiny"
     assert sum(1 for _ in open(work / "data/sample/raw.jsonl")) == 400  # the tiny preset's rows
 
@@ -69,3 +70,4 @@ def test_dvc_repro_runs_the_stages_and_then_is_up_to_date(tmp_path):
     third = _run(dvc + ["repro"], work, env)
     assert "Running stage 'split'" in third.stdout
     assert "Running stage 'validate'" not in third.stdout
+    assert "Running stage 'train_base'" in third.stdout  # its data changed

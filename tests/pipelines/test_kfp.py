@@ -21,7 +21,7 @@ def test_compiled_pipeline_loads_back_with_kfp(tmp_path):
     assert loaded.name == "distillery"
     spec = yaml.safe_load(out.read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"ingest", "validate", "filter-rows", "split"}
+    assert set(tasks) == {"ingest", "validate", "filter-rows", "split", "train-base"}
     # the preset's values are the defaults of the run form
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     tiny, _ = load_params(REPO_PARAMS, "tiny")
@@ -53,6 +53,11 @@ def test_local_run_writes_every_artifact(local_run):
     assert (local_run / "validate" / "clean" / "data_docs" / "index.html").is_file()
     assert (local_run / "validate" / "report").read_text().startswith("<!doctype html>")
     assert (local_run / "filter-rows" / "report").stat().st_size > 0
+    base = local_run / "train-base" / "model"
+    assert (base / "model" / "model.safetensors").is_file() and (base / "model" / "tokenizer").is_dir()
+    losses = [json.loads(line)["loss"] for line in open(base / "metrics.jsonl")]
+    assert len(losses) == 30 and losses[-1] < losses[0]  # the tiny preset's 30 steps, learning
+    assert "data:image/png;base64," in (local_run / "train-base" / "loss_curve").read_text()
 
 
 def test_local_run_lineage_and_conservation(local_run):

@@ -1,0 +1,320 @@
+"""A small decoder-only transformer in the DeepSeek style, written like nanoGPT's model.py.
+
+RMSNorm, rotary position embeddings, pre-norm blocks, SwiGLU feed-forward or a DeepSeekMoE layer
+(routed experts + one shared expert, aux-loss-free load balancing as in DeepSeek-V3), and either
+dense causal attention or a hybrid sparse attention after DeepSeek's Native Sparse Attention.
+
+Single device, plain PyTorch: parallelism, kernels and quantization are applied from outside by
+swapping modules. The output head is tied to the token embedding by default.
+
+    model = Transformer(ModelConfig(attention="hybrid", ffn="moe"))
+    logits, loss = model(idx, targets, loss_weights=w)   # (B, T, V), scalar
+    loss.backward(); opt.step(); model.update_router_bias()
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from components.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(block_size: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * theta**(-2i/head_dim), each (block_size, head_dim/2), float32."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(block_size, device=device, dtype=torch.float32), inv_freq)  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., i], x[..., i + D/2]) of x (B, H, T, D) by the angle of each position."""
+    T = x.size(-2)
+    cos, sin = cos[:T], sin[:T]  # (T, D/2)
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+def hybrid_mask(q: torch.Tensor, k: torch.Tensor, window: int, block: int, top_k: int) -> torch.Tensor:
+    """Boolean attention mask (B, H, T, T) of the hybrid attention; True = may attend.
+
+    Query i sees (a) keys i-window+1 .. i (the sliding window) and (b) every key of its `top_k`
+    best earlier key blocks. Key block b holds keys b*block .. (b+1)*block-1; it is a candidate
+    for query i only when it ends before the window starts, (b+1)*block <= i-window+1, which keeps
+    the mask causal. A block's score is q_i . (mean of the block's keys), the compressed key.
+    """
+    B, H, T, D = q.shape
+    pos = torch.arange(T, device=q.device)
+    diff = pos[:, None] - pos[None, :]  # (T, T) query minus key position
+    mask = ((diff >= 0) & (diff < window)).expand(B, H, T, T)
+    nb = T // block  # only whole blocks; a trailing partial block can never lie before a window
+    if top_k <= 0 or nb == 0:
+        return mask.clone()
+    kc = k[:, :, : nb * block].reshape(B, H, nb, block, D).mean(dim=3)  # (B, H, nb, D) compressed keys
+    scores = (q @ kc.transpose(-2, -1)).float()  # (B, H, T, nb)
+    block_end = (torch.arange(nb, device=q.device) + 1) * block  # (nb,)
+    eligible = block_end[None, :] <= (pos[:, None] - window + 1)  # (T, nb)
+    scores = scores.masked_fill(~eligible, float("-inf"))
+    top = scores.topk(min(top_k, nb), dim=-1).indices  # (B, H, T, k)
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & eligible  # (B, H, T, nb)
+    keys = chosen.repeat_interleave(block, dim=-1)  # (B, H, T, nb*block)
+    keys = F.pad(keys, (0, T - nb * block), value=False)  # (B, H, T, T)
+    return mask | keys
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with RoPE on queries and keys.
+
+    attention="dense": full causal attention (SDPA with is_causal=True).
+    attention="hybrid": each query attends to its sliding window of `window` keys plus the keys of
+    its `top_k_blocks` highest-scoring earlier key blocks (see `hybrid_mask`), one SDPA call with a
+    boolean mask. Departures from DeepSeek NSA (arXiv 2502.11089): NSA has three branches
+    (compressed tokens, selected blocks, sliding window), each with its own keys/values, mixed by
+    learned gates, and a learned MLP compressor. Here there is one branch over the union of the
+    window and the selected keys; blocks are scored by mean-pooled keys, chosen per head and per
+    query (NSA shares the choice across a GQA group), and the choice gets no gradient; the mask is
+    a dense (T, T) one, so this shows the attention pattern, not the memory saving (that needs a
+    kernel).
+    With window >= T the hybrid is exactly dense attention.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.attention, self.window, self.block, self.top_k = cfg.attention, cfg.window, cfg.block, cfg.top_k_blocks
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        p = self.dropout if self.training else 0.0
+        if self.attention == "dense":
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, D)
+        else:
+            with torch.no_grad():
+                mask = hybrid_mask(q, k, self.window, self.block, self.top_k)  # (B, H, T, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class SwiGLU(nn.Module):
+    """c_proj(silu(w_gate x) * w_up x): the feed-forward of LLaMA and DeepSeek, and each MoE expert."""
+
+    def __init__(self, n_embd: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(n_embd, hidden, bias=False)
+        self.w_up = nn.Linear(n_embd, hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE layer: `n_experts` routed SwiGLU experts, top-k per token, plus a shared expert.
+
+    Routing as in DeepSeek-V3: affinities s = sigmoid(router(x)); the top-k experts are chosen by
+    s + expert_bias (the bias steers selection only), and the gates are the chosen experts'
+    un-biased s, renormalised to sum to 1. No auxiliary loss: `update_router_bias` nudges the bias
+    of overloaded experts down and underloaded ones up by a fixed step, using the token counts
+    of the last forward (buffer `load`). No capacity limit, no token dropping.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.bias_update = cfg.expert_top_k, cfg.moe_bias_update
+        self.router = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(cfg.n_embd, cfg.hidden) for _ in range(cfg.n_experts))
+        self.shared = SwiGLU(cfg.n_embd, cfg.hidden) if cfg.shared_expert else None
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))  # saved: selection depends on it
+        self.register_buffer("load", torch.zeros(cfg.n_experts, dtype=torch.long), persistent=False)  # last forward
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids (N, k) and gates (N, k) for tokens x (N, C); gates sum to 1 per token."""
+        scores = torch.sigmoid(self.router(x).float())  # (N, E)
+        idx = (scores.detach() + self.expert_bias.float()).topk(self.top_k, dim=-1).indices  # (N, k)
+        gates = scores.gather(-1, idx)  # (N, k)
+        return idx, gates / gates.sum(dim=-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        flat = x.reshape(B * T, C)  # (N, C)
+        idx, gates = self.route(flat)  # (N, k)
+        with torch.no_grad():
+            self.load.copy_(torch.bincount(idx.flatten(), minlength=len(self.experts)))
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)  # tokens routed to e, and in which of their k slots
+            if tok.numel() == 0:
+                continue
+            y = expert(flat.index_select(0, tok)) * gates[tok, slot, None].type_as(flat)  # (n_e, C)
+            out = out.index_add(0, tok, y)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(B, T, C)
+
+    @torch.no_grad()
+    def update_router_bias(self) -> None:
+        """bias += moe_bias_update * sign(mean load - load); call once after each optimizer step."""
+        load = self.load.float()
+        if self.bias_update > 0 and load.sum() > 0:
+            self.expert_bias += self.bias_update * torch.sign(load.mean() - load)
+
+    def _apply(self, fn, recurse=True):
+        """Keep expert_bias float32 when the model is cast (steps of 1e-3 vanish in bf16)."""
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        self.expert_bias = bias.to(self.expert_bias.device)
+        return self
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.ffn = MoE(cfg) if cfg.ffn == "moe" else SwiGLU(cfg.n_embd, cfg.hidden)
+        self.ffn_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cos, sin)
+        return x + self.ffn_dropout(self.ffn(self.ln_2(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def _apply(self, fn, recurse=True):
+        """Keep the RoPE tables float32 (exact) when the model is cast, e.g. to bf16."""
+        super()._apply(fn, recurse)
+        cos, sin = rope_tables(self.cfg.block_size, self.cfg.head_dim, self.cfg.rope_theta, self.rope_cos.device)
+        self.rope_cos, self.rope_sin = cos, sin
+        return self
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
+        ignore_index: int = -100,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) for token ids idx (B, T); with targets (B, T), also the loss.
+
+        The loss is the mean cross-entropy over the target tokens that are not `ignore_index`,
+        each token weighted by its sequence's entry of `loss_weights` (B,): sum(w * ce) / sum(w).
+        Weights are relative within the batch: all-ones gives the plain token mean, a zero
+        removes the sequence.
+        """
+        B, T = idx.shape
+        assert T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
+        x = self.drop(self.wte(idx))  # (B, T, C)
+        ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if ckpt:
+                x = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False)
+            else:
+                x = block(x, self.rope_cos, self.rope_sin)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        ce = F.cross_entropy(
+            logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=ignore_index, reduction="none"
+        ).view(B, T)
+        w = (targets != ignore_index).float()  # (B, T)
+        if loss_weights is not None:
+            w = w * loss_weights.float().view(B, 1)
+        loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
+        return logits, loss
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def expert_load(self) -> torch.Tensor:
+        """Tokens routed to each expert in the last forward, (n_moe_layers, n_experts)."""
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros(0, self.cfg.n_experts, dtype=torch.long, device=self.rope_cos.device)
+        return torch.stack([m.load for m in layers])
+
+    def update_router_bias(self) -> None:
+        """Aux-loss-free balancing step of every MoE layer; call after each optimizer step."""
+        for m in self.moe_layers():
+            m.update_router_bias()
+
+    def num_params(self) -> int:
+        """Parameters, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Two param groups: matrices with `weight_decay`; norms, biases and embeddings without."""
+        embeddings = {id(self.wte.weight)}
+        decay, no_decay = [], []
+        for _, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def generate(
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+    ) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to idx (B, T); temperature 0 is greedy. No KV cache."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.cfg.block_size :])
+            logits = logits[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = float("-inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx

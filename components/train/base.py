@@ -1,0 +1,91 @@
+"""The base stage: language-model pretraining on the split's training rows or on a text corpus.
+
+    distillery train --stage base --data data/split --out runs/base
+    distillery train --stage base --text ../shared/data/tinyshakespeare/input.txt --out runs/shakespeare
+
+Rows (prompt, response, weight) become `prompt \\n response <eos>` sequences, each row's loss
+scaled by the sample weight the filter gave it; a text corpus is cut into random windows. The
+tokenizer (bytes, or BPE trained here on the training text only) is saved with the model. The
+engine (components/train/engine.py) does the rest; run the same command again to resume.
+
+Not here yet (the issue's next part): the curriculum (easiest fraction first, growing to all)
+and sequence-length warm-up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.artifacts import check_output, finish
+from components.data.load import DataError, load_canonical
+from components.model import BPETokenizer, ByteTokenizer, ModelConfig
+from components.train.batches import RowBatches, StreamBatches
+from components.train.config import TokenizerConfig, TrainConfig
+from components.train.engine import train
+
+
+def row_text(row: dict[str, Any]) -> str:
+    return f"{row.get('prompt') or ''}\n{row.get('response') or ''}"
+
+
+def make_tokenizer(cfg: TokenizerConfig, texts: list[str]):
+    if cfg.kind == "byte":
+        return ByteTokenizer()
+    return BPETokenizer.train(texts, vocab_size=cfg.vocab_size)
+
+
+def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig, out_dir: str | os.PathLike,
+        data_dir: str | os.PathLike | None = None, text: str | os.PathLike | None = None,
+        progress: bool = True, fresh: bool = False) -> dict[str, Any]:
+    """Train the base stage from a split folder (train.jsonl, val.jsonl) or a text file.
+
+    Resumes from the newest checkpoint in `out_dir` unless `fresh`, which first removes the
+    stage's earlier outputs. Ends by writing manifest.json and metrics.json beside them."""
+    if (data_dir is None) == (text is None):
+        raise DataError("give the split folder (--data) or a text corpus (--text), one of them")
+    out = Path(out_dir)
+    if fresh:
+        for name in ("checkpoints", "metrics.jsonl", "model", "loss.png", "manifest.json", "metrics.json"):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    if not (out / "checkpoints").is_dir():  # a new stage folder: refuse to write over foreign files
+        check_output(out, tuple(p for p in (data_dir, text) if p is not None))
+    seq = model_cfg.block_size
+    if text is not None:
+        try:
+            corpus = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"{text}: cannot read the text corpus: {err}") from None
+        tok = make_tokenizer(tok_cfg, [corpus])
+        ids = torch.tensor(tok.encode(corpus), dtype=torch.long)
+        cut = int(ids.numel() * 0.9)
+        train_b = StreamBatches(ids[:cut], seq, train_cfg.micro_batch, train_cfg.seed)
+        val_b = StreamBatches(ids[cut:], seq, train_cfg.micro_batch, train_cfg.seed + 1)
+    else:
+        rows = load_canonical(Path(data_dir) / "train.jsonl")
+        val_path = Path(data_dir) / "val.jsonl"
+        val_rows = load_canonical(val_path) if val_path.is_file() and val_path.stat().st_size else []
+        tok = make_tokenizer(tok_cfg, [row_text(r) for r in rows])
+
+        def encode(rs):
+            return [tok.encode(row_text(r)) + [tok.eos_id] for r in rs]
+
+        train_b = RowBatches(encode(rows), [float(r.get("weight", 1.0)) for r in rows], seq,
+                             train_cfg.micro_batch, train_cfg.seed, tok.pad_id)
+        val_b = RowBatches(encode(val_rows), [1.0] * len(val_rows), seq, train_cfg.micro_batch,
+                           train_cfg.seed + 1, tok.pad_id) if val_rows else None
+    if model_cfg.vocab_size != tok.vocab_size:
+        model_cfg = ModelConfig(**{**model_cfg.__dict__, "vocab_size": tok.vocab_size})
+    summary = train(model_cfg, train_cfg, train_b, val_b, tok, out, progress=progress)
+    if torch.distributed.get_rank() == 0:
+        inputs = {"text": text} if text is not None else {"train": Path(data_dir) / "train.jsonl"}
+        finish(out, "train.base", inputs, {"model": asdict(model_cfg), "train": asdict(train_cfg),
+                                           "tokenizer": asdict(tok_cfg)}, summary,
+               {"model": out / "model", "metrics": out / "metrics.jsonl"})
+    return summary

@@ -1,0 +1,242 @@
+"""The training engine: one stage of training on DeepSpeed, resumable to the bit.
+
+    from components.train.engine import train
+    summary = train(model_cfg, train_cfg, train_batches, val_batches, tokenizer, "runs/base")
+
+DeepSpeed owns the optimisation: AdamW (torch's), the warm-up + cosine schedule
+(WarmupCosineLR), bf16 mixed precision or fp32, ZeRO stage 0/1/2, gradient accumulation and
+clipping. One process is enough (this module sets up a single-rank gloo group when no launcher
+did); `deepspeed --num_gpus N` starts N data-parallel ranks of the same code.
+
+Every `checkpoint_every` steps a checkpoint is written (components/train/checkpoint.py:
+safetensors + JSON, atomic). Called again on the same output folder, `train` resumes from the
+newest checkpoint: batch k depends only on (seed, k), the RNG states travel in the checkpoint,
+so a run killed at any moment and resumed logs the same per-step losses and ends with the same
+parameters as one that never stopped. `metrics.jsonl` is cut back to the resumed step.
+
+Outputs: checkpoints/, metrics.jsonl (step, loss, lr, tokens/s, val_loss), loss.png, and model/
+(model.safetensors, model.json, the tokenizer), written whole at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from components.artifacts import atomic_dir
+from components.config import ConfigError
+from components.model import ModelConfig, Transformer
+from components.train import checkpoint
+from components.train.batches import Batch
+from components.train.config import TrainConfig
+
+
+class Batches(Protocol):
+    def get(self, step: int, micro: int = 0) -> Batch: ...
+
+
+def _single_process_group() -> None:
+    """A one-rank gloo group when no launcher set one up (CLI, KFP component, tests)."""
+    if "RANK" in os.environ or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON config of a stage."""
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2],
+                                                  "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": cfg.steps, "warmup_num_steps": cfg.warmup_steps, "warmup_type": "linear",
+            "warmup_min_ratio": 0.0, "cos_min_ratio": cfg.min_lr_ratio}},
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "gradient_clipping": cfg.grad_clip,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 200,
+                      "hysteresis": 2, "min_loss_scale": 1}
+    return ds
+
+
+def build_engine(model_cfg: ModelConfig, cfg: TrainConfig):
+    """(engine, model): the model initialised from `cfg.seed`, wrapped by DeepSpeed."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if cfg.precision == "fp16" and not get_accelerator().is_fp16_supported():
+        raise ConfigError(f"train.precision: fp16 is not supported on this {get_accelerator().device_name()} "
+                          f"accelerator; use bf16 (or fp32)")
+    _single_process_group()
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg)
+    groups = model.configure_optimizer_groups(cfg.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(cfg))
+    return engine, model
+
+
+@torch.no_grad()
+def evaluate(engine, batches: Batches, n: int) -> float:
+    """Mean loss over `n` fixed validation batches (batch i of the validation sampler)."""
+    engine.eval()
+    losses = []
+    for i in range(n):
+        b = batches.get(i)
+        _, loss = engine(b.idx, b.targets)
+        losses.append(float(loss))
+    engine.train()
+    return sum(losses) / len(losses)
+
+
+def run_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig) -> str:
+    """What a checkpoint must share with the run that resumes it: every model and train setting
+    except those that only say how often to save and measure."""
+    import hashlib
+
+    train = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "keep_checkpoints",
+                                                                 "eval_every", "eval_batches")}
+    blob = json.dumps({"model": asdict(model_cfg), "train": train}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cut_metrics(path: Path, step: int) -> None:
+    """Keep the lines of steps up to `step` (what the resumed checkpoint had seen)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches, val_batches: Batches | None,
+          tokenizer: Any, out_dir: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) one stage into `out_dir`; returns the summary metrics."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    engine, model = build_engine(model_cfg, cfg)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    start = 0
+    fingerprint = run_fingerprint(model_cfg, cfg)
+    resume_from = checkpoint.latest(out / "checkpoints")
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, engine)
+        if state["extra"].get("fingerprint") != fingerprint:
+            raise ConfigError(f"{resume_from}: this checkpoint was made with other model or train parameters; "
+                              f"resume with the same ones, or start afresh (--fresh, or another --out)")
+        start = state["step"]
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        _cut_metrics(metrics_path, start)
+    log = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress or rank != 0,
+               dynamic_ncols=True)
+    val_loss = None
+    try:
+        for step in range(start, cfg.steps):
+            t0, tokens, total = time.perf_counter(), 0, 0.0
+            for micro in range(cfg.grad_accum):
+                b = train_batches.get(step, micro * world + rank)  # each rank its own micro-batches
+                _, loss = engine(b.idx, b.targets, b.weights)
+                engine.backward(loss)
+                engine.step()
+                tokens += b.tokens
+                total += float(loss)
+            balance_experts(model)
+            record = {"step": step + 1, "loss": total / cfg.grad_accum, "lr": engine.get_lr()[0],
+                      "tokens_per_s": tokens * torch.distributed.get_world_size() / (time.perf_counter() - t0)}
+            if cfg.precision == "fp16":
+                record.update(loss_scale=float(engine.optimizer.cur_scale), skipped_steps=engine.skipped_steps)
+            last = step + 1 == cfg.steps
+            if val_batches is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                val_loss = record["val_loss"] = evaluate(engine, val_batches, cfg.eval_batches)
+            if log:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            bar.update()
+            if last or (step + 1) % cfg.checkpoint_every == 0:
+                checkpoint.save(out / "checkpoints", step + 1, engine, extra={"fingerprint": fingerprint},
+                                keep=cfg.keep_checkpoints)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    summary = summarize(metrics_path, model, val_loss)
+    if rank == 0:
+        export(out / "model", engine.module, model_cfg, tokenizer)
+        plot_losses(metrics_path, out / "loss.png")
+    return summary
+
+
+def balance_experts(model: Transformer) -> None:
+    """MoE: DeepSeek-V3's aux-loss-free balancing after each step, on the expert loads of all
+    ranks (summed, so every rank moves its biases the same way); a no-op for dense models.
+    The loads are those of the step's last micro-batch."""
+    layers = model.moe_layers()
+    if not layers:
+        return
+    if torch.distributed.get_world_size() > 1:
+        for layer in layers:
+            torch.distributed.all_reduce(layer.load)
+    model.update_router_bias()
+
+
+def summarize(metrics_path: Path, model: Transformer, val_loss: float | None) -> dict[str, Any]:
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
+    tail = rows[-10:]
+    return {"steps": rows[-1]["step"] if rows else 0, "final_loss": sum(r["loss"] for r in tail) / len(tail),
+            "val_loss": val_loss, "params": model.num_params(),
+            "tokens_per_s": sum(r["tokens_per_s"] for r in tail) / len(tail)}
+
+
+def export(folder: Path, module: torch.nn.Module, model_cfg: ModelConfig, tokenizer: Any) -> None:
+    """model.safetensors (fp32), model.json and the tokenizer, as one folder, whole or not at all."""
+    from safetensors.torch import save_model
+
+    with atomic_dir(folder) as tmp:
+        state = {k: v.float() for k, v in module.state_dict().items()}
+        fp32 = Transformer(model_cfg)
+        fp32.load_state_dict(state)
+        save_model(fp32, str(tmp / "model.safetensors"))  # tied weights stored once
+        (tmp / "model.json").write_text(json.dumps(asdict(model_cfg), indent=2) + "\n", encoding="utf-8")
+        tokenizer.save(tmp / "tokenizer")
+        (tmp / "manifest.json").write_text(json.dumps({"step": "train", "params": fp32.num_params()}) + "\n")
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    """loss.png: training loss per step, validation loss where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
