@@ -8,8 +8,11 @@ scaled by the sample weight the filter gave it; a text corpus is cut into random
 tokenizer (bytes, or BPE trained here on the training text only) is saved with the model. The
 engine (components/train/engine.py) does the rest; run the same command again to resume.
 
-Not here yet (the issue's next part): the curriculum (easiest fraction first, growing to all)
-and sequence-length warm-up.
+Curriculum (components/train/batches.py): rows are scored by difficulty (mean rank of token
+length and of the loss under a bigram model fitted on the training rows); step s draws only
+from the easiest `curriculum_start` fraction, growing linearly to all rows over
+`curriculum_steps`. With `seq_len_start` and `seq_len_warmup_steps`, sequences (rows and text
+windows) start short and grow to block_size. Validation always uses all rows at full length.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from components.artifacts import check_output, finish
 from components.data.load import DataError, load_canonical
 from components.model import BPETokenizer, ByteTokenizer, ModelConfig
-from components.train.batches import RowBatches, StreamBatches
+from components.train.batches import Curriculum, RowBatches, StreamBatches, difficulty
 from components.train.config import TokenizerConfig, TrainConfig
 from components.train.engine import train
 
@@ -57,6 +60,8 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
     if not (out / "checkpoints").is_dir():  # a new stage folder: refuse to write over foreign files
         check_output(out, tuple(p for p in (data_dir, text) if p is not None))
     seq = model_cfg.block_size
+    curriculum = Curriculum.from_config(train_cfg)
+    rank0 = os.environ.get("RANK", "0") == "0"
     if text is not None:
         try:
             corpus = Path(text).read_text(encoding="utf-8")
@@ -65,7 +70,7 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
         tok = make_tokenizer(tok_cfg, [corpus])
         ids = torch.tensor(tok.encode(corpus), dtype=torch.long)
         cut = int(ids.numel() * 0.9)
-        train_b = StreamBatches(ids[:cut], seq, train_cfg.micro_batch, train_cfg.seed)
+        train_b = StreamBatches(ids[:cut], seq, train_cfg.micro_batch, train_cfg.seed, curriculum)
         val_b = StreamBatches(ids[cut:], seq, train_cfg.micro_batch, train_cfg.seed + 1)
     else:
         rows = load_canonical(Path(data_dir) / "train.jsonl")
@@ -76,8 +81,13 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
         def encode(rs):
             return [tok.encode(row_text(r)) + [tok.eos_id] for r in rs]
 
-        train_b = RowBatches(encode(rows), [float(r.get("weight", 1.0)) for r in rows], seq,
-                             train_cfg.micro_batch, train_cfg.seed, tok.pad_id)
+        train_ids = encode(rows)
+        train_b = RowBatches(train_ids, [float(r.get("weight", 1.0)) for r in rows], seq,
+                             train_cfg.micro_batch, train_cfg.seed, tok.pad_id,
+                             difficulty([r[:seq + 1] for r in train_ids], tok.vocab_size), curriculum)
+        if rank0 and curriculum.active:
+            print(f"curriculum: step 0 draws from the easiest {len(train_b.pool(0))} of {len(train_ids)} rows, "
+                  f"all of them from step {curriculum.growth_steps}")
         val_b = RowBatches(encode(val_rows), [1.0] * len(val_rows), seq, train_cfg.micro_batch,
                            train_cfg.seed + 1, tok.pad_id) if val_rows else None
     if model_cfg.vocab_size != tok.vocab_size:

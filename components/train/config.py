@@ -48,6 +48,18 @@ class TrainConfig:
     """Measure the validation loss every this many steps (0: only at the end)."""
     eval_batches: int = 4
     """Validation micro-batches per measurement."""
+    curriculum_start: float = 0.1
+    """Base stage on rows: the first step draws only from this easiest fraction of the training
+    rows (difficulty: mean rank of token length and bigram loss), growing linearly to all rows
+    over `curriculum_steps`. 1.0 disables the curriculum. Text corpora ignore it."""
+    curriculum_steps: int = 0
+    """Steps over which the curriculum's pool grows to all rows (0: half of `steps`)."""
+    seq_len_start: int = 0
+    """Sequence-length warm-up: the first step's sequences are cut to this many tokens, growing
+    linearly to the model's block_size over `seq_len_warmup_steps` (multiples of 8 on the way;
+    rows and text windows alike). 0 disables the warm-up."""
+    seq_len_warmup_steps: int = 0
+    """Steps of the sequence-length warm-up (0 disables it; set with `seq_len_start`)."""
 
     def check(self) -> None:
         require(self.steps >= 1, "steps: must be at least 1")
@@ -59,6 +71,13 @@ class TrainConfig:
         require(self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
                 "checkpoint_every and keep_checkpoints must be at least 1")
         require(self.eval_every >= 0 and self.eval_batches >= 1, "eval_every >= 0 and eval_batches >= 1")
+        require(0 < self.curriculum_start <= 1, "curriculum_start: must be within (0, 1] (1.0 disables the curriculum)")
+        require(0 <= self.curriculum_steps <= self.steps, "curriculum_steps: must be within [0, steps] (0: steps // 2)")
+        require(self.seq_len_start == 0 or self.seq_len_start >= 8,
+                "seq_len_start: 0 (no warm-up) or at least 8 tokens")
+        require(0 <= self.seq_len_warmup_steps <= self.steps, "seq_len_warmup_steps: must be within [0, steps]")
+        require((self.seq_len_start == 0) == (self.seq_len_warmup_steps == 0),
+                "seq_len_start and seq_len_warmup_steps: set both (warm-up on) or neither (off)")
 
 
 @dataclass

@@ -157,7 +157,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches, val_
                 engine.backward(loss)
                 engine.step()
                 tokens += b.tokens
-                total += float(loss)
+                total += loss.item()
             balance_experts(model)
             record = {"step": step + 1, "loss": total / cfg.grad_accum, "lr": engine.get_lr()[0],
                       "tokens_per_s": tokens * torch.distributed.get_world_size() / (time.perf_counter() - t0)}
