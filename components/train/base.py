@@ -27,7 +27,7 @@ import torch
 
 from components.artifacts import check_output, finish
 from components.data.load import DataError, load_canonical
-from components.model import BPETokenizer, ByteTokenizer, ModelConfig
+from components.model import BPETokenizer, ByteTokenizer, ModelConfig, load_tokenizer
 from components.train.batches import Curriculum, RowBatches, StreamBatches, difficulty
 from components.train.config import TokenizerConfig, TrainConfig
 from components.train.engine import train
@@ -37,10 +37,15 @@ def row_text(row: dict[str, Any]) -> str:
     return f"{row.get('prompt') or ''}\n{row.get('response') or ''}"
 
 
-def make_tokenizer(cfg: TokenizerConfig, texts: list[str]):
-    if cfg.kind == "byte":
-        return ByteTokenizer()
-    return BPETokenizer.train(texts, vocab_size=cfg.vocab_size)
+def make_tokenizer(cfg: TokenizerConfig, texts: list[str], folder: Path, resuming: bool):
+    """The stage's tokenizer: on a resume, the one the run started with (`folder`), so the token
+    ids cannot change under the checkpoint; otherwise trained now and saved there (by rank 0)."""
+    if resuming and (folder / "tokenizer_meta.json").is_file():
+        return load_tokenizer(folder)
+    tok = ByteTokenizer() if cfg.kind == "byte" else BPETokenizer.train(texts, vocab_size=cfg.vocab_size)
+    if int(os.environ.get("RANK", "0")) == 0:
+        tok.save(folder)
+    return tok
 
 
 def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig, out_dir: str | os.PathLike,
@@ -54,11 +59,13 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
         raise DataError("give the split folder (--data) or a text corpus (--text), one of them")
     out = Path(out_dir)
     if fresh:
-        for name in ("checkpoints", "metrics.jsonl", "model", "loss.png", "manifest.json", "metrics.json"):
+        for name in ("checkpoints", "tokenizer", "metrics.jsonl", "model", "loss.png", "manifest.json",
+                     "metrics.json"):
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    if not (out / "checkpoints").is_dir():  # a new stage folder: refuse to write over foreign files
-        check_output(out, tuple(p for p in (data_dir, text) if p is not None))
+    resuming = (out / "checkpoints").is_dir()
+    if not any((out / name).exists() for name in ("checkpoints", "tokenizer", "metrics.jsonl", "manifest.json")):
+        check_output(out, tuple(p for p in (data_dir, text) if p is not None))  # never over foreign files
     seq = model_cfg.block_size
     curriculum = Curriculum.from_config(train_cfg)
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -67,7 +74,7 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
             corpus = Path(text).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise DataError(f"{text}: cannot read the text corpus: {err}") from None
-        tok = make_tokenizer(tok_cfg, [corpus])
+        tok = make_tokenizer(tok_cfg, [corpus], out / "tokenizer", resuming)
         ids = torch.tensor(tok.encode(corpus), dtype=torch.long)
         cut = int(ids.numel() * 0.9)
         train_b = StreamBatches(ids[:cut], seq, train_cfg.micro_batch, train_cfg.seed, curriculum)
@@ -76,7 +83,7 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
         rows = load_canonical(Path(data_dir) / "train.jsonl")
         val_path = Path(data_dir) / "val.jsonl"
         val_rows = load_canonical(val_path) if val_path.is_file() and val_path.stat().st_size else []
-        tok = make_tokenizer(tok_cfg, [row_text(r) for r in rows])
+        tok = make_tokenizer(tok_cfg, [row_text(r) for r in rows], out / "tokenizer", resuming)
 
         def encode(rs):
             return [tok.encode(row_text(r)) + [tok.eos_id] for r in rs]
