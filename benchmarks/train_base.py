@@ -6,9 +6,10 @@ bf16 against fp32, and MoE expert balance with and without the bias update.
 
 All on ../shared/data/tinyshakespeare (character level: our byte tokenizer on ASCII text), in
 one process, side by side:
-1. tokens/s: our engine (DeepSpeed, ZeRO-1, metrics, checkpoints) vs a plain PyTorch AdamW loop
-   training the same model on the same batches, each at fp32 and bf16 (torch.autocast for the
-   plain loop); median over steps after a warm-up.
+1. tokens/s: our engine (DeepSpeed; one process, so ZeRO stage 0; metrics, progress, checkpoint
+   machinery) vs a plain PyTorch AdamW loop training the same model on the same batches, each at
+   fp32 and bf16 (torch.autocast for the plain loop); median over steps after a warm-up, rounds
+   alternating between the two so that a shared machine's drift hits both.
 2. nanoGPT's CPU figure: 4 layers, 4 heads, width 128, context 64, batch 12, 2000 iterations,
    AdamW lr 1e-3 decayed to 1e-4, dropout 0: validation loss about 1.88 (nanoGPT README).
 3. bf16 vs fp32: final validation loss of the same run in each precision.
@@ -86,6 +87,7 @@ def cfg_for(steps: int, precision: str, **kw) -> TrainConfig:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps: a smoke run, not the figures")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the speed comparison")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     train_b, val_b = corpus()
@@ -93,14 +95,18 @@ def main() -> None:
     skip = speed_steps // 5
 
     print(f"1. tokens/s, nanoGPT-size model ({Transformer(NANOGPT).num_params():,} parameters), "
-          f"median over steps {skip}..{speed_steps}\n")
-    print("precision | ours (DeepSpeed) | plain PyTorch | ratio")
-    print("--- | --- | --- | ---")
+          f"median over steps {skip}..{speed_steps}, {args.rounds} alternating rounds\n")
+    print("precision | ours (DeepSpeed) | plain PyTorch | ratio | ratio per round")
+    print("--- | --- | --- | --- | ---")
     for precision in ("fp32", "bf16"):
-        _, rows, _ = ours(NANOGPT, cfg_for(speed_steps, precision), train_b, None)
-        mine = statistics.median(r["tokens_per_s"] for r in rows[skip:])
-        base = statistics.median(plain_loop(NANOGPT, speed_steps, train_b, precision == "bf16")[skip:])
-        print(f"{precision} | {mine:,.0f} | {base:,.0f} | {mine / base:.2f}")
+        mine, base = [], []
+        for _ in range(args.rounds):  # alternate, so drifts of a shared machine hit both sides
+            _, rows, _ = ours(NANOGPT, cfg_for(speed_steps, precision), train_b, None)
+            mine.append(statistics.median(r["tokens_per_s"] for r in rows[skip:]))
+            base.append(statistics.median(plain_loop(NANOGPT, speed_steps, train_b, precision == "bf16")[skip:]))
+        m, b = statistics.median(mine), statistics.median(base)
+        rounds = ", ".join(f"{x / y:.2f}" for x, y in zip(mine, base))
+        print(f"{precision} | {m:,.0f} | {b:,.0f} | {m / b:.2f} | {rounds}")
 
     print(f"\n2. nanoGPT's reference: {long_steps} iterations, batch 12, context 64 (published: val loss ~1.88)\n")
     summary, _, wall = ours(NANOGPT, cfg_for(long_steps, "bf16", eval_batches=100), train_b, val_b)

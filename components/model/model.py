@@ -52,31 +52,68 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
-def hybrid_mask(q: torch.Tensor, k: torch.Tensor, window: int, block: int, top_k: int) -> torch.Tensor:
-    """Boolean attention mask (B, H, T, T) of the hybrid attention; True = may attend.
+def hybrid_mask(q: torch.Tensor, k: torch.Tensor, window: int, block: int, top_k: int,
+                q_start: int = 0) -> torch.Tensor:
+    """Boolean attention mask (B, H, Tq, Tk) of the hybrid attention; True = may attend.
+
+    q (B, H, Tq, D) holds the queries of positions q_start .. q_start+Tq-1 and k (B, H, Tk, D) the
+    keys of positions 0 .. Tk-1 (q_start = 0, Tq = Tk: a whole sequence; q_start = Tk - 1: one
+    decoding step against a KV cache, with the same result as the whole-sequence mask's last row).
 
     Query i sees (a) keys i-window+1 .. i (the sliding window) and (b) every key of its `top_k`
     best earlier key blocks. Key block b holds keys b*block .. (b+1)*block-1; it is a candidate
     for query i only when it ends before the window starts, (b+1)*block <= i-window+1, which keeps
     the mask causal. A block's score is q_i . (mean of the block's keys), the compressed key.
     """
-    B, H, T, D = q.shape
-    pos = torch.arange(T, device=q.device)
-    diff = pos[:, None] - pos[None, :]  # (T, T) query minus key position
-    mask = ((diff >= 0) & (diff < window)).expand(B, H, T, T)
-    nb = T // block  # only whole blocks; a trailing partial block can never lie before a window
+    B, H, Tq, D = q.shape
+    Tk = k.size(2)
+    qpos = torch.arange(q_start, q_start + Tq, device=q.device)
+    diff = qpos[:, None] - torch.arange(Tk, device=q.device)[None, :]  # (Tq, Tk) query minus key position
+    mask = ((diff >= 0) & (diff < window)).expand(B, H, Tq, Tk)
+    nb = Tk // block  # only whole blocks; a trailing partial block can never lie before a window
     if top_k <= 0 or nb == 0:
         return mask.clone()
     kc = k[:, :, : nb * block].reshape(B, H, nb, block, D).mean(dim=3)  # (B, H, nb, D) compressed keys
-    scores = (q @ kc.transpose(-2, -1)).float()  # (B, H, T, nb)
+    scores = (q @ kc.transpose(-2, -1)).float()  # (B, H, Tq, nb)
     block_end = (torch.arange(nb, device=q.device) + 1) * block  # (nb,)
-    eligible = block_end[None, :] <= (pos[:, None] - window + 1)  # (T, nb)
+    eligible = block_end[None, :] <= (qpos[:, None] - window + 1)  # (Tq, nb)
     scores = scores.masked_fill(~eligible, float("-inf"))
-    top = scores.topk(min(top_k, nb), dim=-1).indices  # (B, H, T, k)
-    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & eligible  # (B, H, T, nb)
-    keys = chosen.repeat_interleave(block, dim=-1)  # (B, H, T, nb*block)
-    keys = F.pad(keys, (0, T - nb * block), value=False)  # (B, H, T, T)
+    top = scores.topk(min(top_k, nb), dim=-1).indices  # (B, H, Tq, k)
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & eligible  # (B, H, Tq, nb)
+    keys = chosen.repeat_interleave(block, dim=-1)  # (B, H, Tq, nb*block)
+    keys = F.pad(keys, (0, Tk - nb * block), value=False)  # (B, H, Tq, Tk)
     return mask | keys
+
+
+class LayerCache:
+    """Keys and values of one attention layer for positions 0 .. length-1, (B, H, capacity, D)
+    buffers filled in place (no re-allocation per decoded token)."""
+
+    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, dtype, device):
+        self.k = torch.empty(batch, heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, D) at the next T positions; the keys and values so far, (B, H, length, D)."""
+        end = self.length + k.size(2)
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache full: {end} positions, capacity {self.k.size(2)}")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One LayerCache per block; `Transformer.new_cache` makes one sized for a generation."""
+
+    def __init__(self, layers: list[LayerCache]):
+        self.layers = layers
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -104,17 +141,27 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        """x (B, T, C); with a cache, x holds positions cache.length .. cache.length+T-1, whose keys
+        and values are appended to it, and the queries attend to everything cached so far."""
         B, T, C = x.shape
+        start = cache.length if cache is not None else 0
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, start+T, D)
         p = self.dropout if self.training else 0.0
-        if self.attention == "dense":
+        if self.attention == "dense" and start == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, D)
         else:
             with torch.no_grad():
-                mask = hybrid_mask(q, k, self.window, self.block, self.top_k)  # (B, H, T, T)
+                if self.attention == "dense":  # new queries see every cached key and the causal part of theirs
+                    qpos = torch.arange(start, start + T, device=x.device)
+                    mask = qpos[:, None] >= torch.arange(start + T, device=x.device)[None, :]  # (T, start+T)
+                else:
+                    mask = hybrid_mask(q, k, self.window, self.block, self.top_k, q_start=start)  # (B, H, T, start+T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -200,8 +247,9 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.ffn == "moe" else SwiGLU(cfg.n_embd, cfg.hidden)
         self.ffn_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cos, sin, cache)
         return x + self.ffn_dropout(self.ffn(self.ln_2(x)))
 
 
@@ -242,8 +290,12 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
         ignore_index: int = -100,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for token ids idx (B, T); with targets (B, T), also the loss.
+
+        With a `cache` (inference), idx continues the cached sequence: its tokens sit at positions
+        cache.length .. cache.length+T-1 and their keys and values are appended to the cache.
 
         The loss is the mean cross-entropy over the target tokens that are not `ignore_index`,
         each token weighted by its sequence's entry of `loss_weights` (B,): sum(w * ce) / sum(w).
@@ -251,11 +303,14 @@ class Transformer(nn.Module):
         removes the sequence.
         """
         B, T = idx.shape
-        assert T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
+        end = T + (cache.length if cache is not None else 0)
+        assert end <= self.cfg.block_size, f"sequence of {end} tokens is longer than block_size {self.cfg.block_size}"
         x = self.drop(self.wte(idx))  # (B, T, C)
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            if ckpt:
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, self.rope_cos, self.rope_sin, cache.layers[i])
+            elif ckpt:
                 x = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False)
             else:
                 x = block(x, self.rope_cos, self.rope_sin)
@@ -300,21 +355,56 @@ class Transformer(nn.Module):
             (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `capacity` (block_size) tokens."""
+        capacity = capacity or self.cfg.block_size
+        p = self.wte.weight
+        return KVCache([LayerCache(batch, self.cfg.n_head, capacity, self.cfg.head_dim, p.dtype, p.device)
+                        for _ in self.blocks])
+
     @torch.no_grad()
     def generate(
-        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+        eos_id: int | None = None, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to idx (B, T); temperature 0 is greedy. No KV cache."""
+        """Append up to `max_new_tokens` sampled tokens to idx (B, T); temperature 0 is greedy.
+
+        When the whole sequence fits in block_size, decoding uses a KV cache (one forward of the
+        prompt, then one token per step); otherwise the context is cropped to the last block_size
+        tokens at each step, without a cache. With `eos_id`, a row that has produced it gets
+        `eos_id` from then on, and decoding stops once every row has. Returns (B, T + new)."""
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("generate needs at least one prompt token")
+        cached = T + max_new_tokens <= self.cfg.block_size
+        cache = self.new_cache(B, T + max_new_tokens) if cached else None
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        step_in = idx
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.block_size :])
-            logits = logits[:, -1, :].float()  # (B, V)
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
+            if cached:
+                logits, _ = self(step_in, cache=cache)
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = float("-inf")
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+                logits, _ = self(idx[:, -self.cfg.block_size:])
+            nxt = sample(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
+            if eos_id is not None:
+                nxt = nxt.masked_fill(done[:, None], eos_id)
+                done |= nxt[:, 0] == eos_id
             idx = torch.cat((idx, nxt), dim=1)
+            step_in = nxt
+            if eos_id is not None and bool(done.all()):
+                break
         return idx
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits (B, V): argmax at temperature 0, else softmax(logits / t)
+    over the `top_k` best (all when None). Returns (B, 1)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)

@@ -164,6 +164,10 @@ class StreamBatches:
         window = torch.stack([self.tokens[s:s + L + 1] for s in starts.tolist()])  # (B, L+1)
         return Batch(window[:, :-1], window[:, 1:].clone(), torch.ones(self.batch))
 
+    def fingerprint(self) -> str:
+        """What a resumed run must train on to continue this one: the token stream and shape."""
+        return _digest(self.tokens.numpy().tobytes(), (self.seq_len, self.batch, self.seed, self.curriculum))
+
 
 class RowBatches:
     """Rows (each a token list with a weight), sampled whole, right-padded to the longest.
@@ -215,3 +219,15 @@ class RowBatches:
             idx[b, :len(row) - 1] = row[:-1]
             targets[b, :len(row) - 1] = row[1:]
         return Batch(idx, targets, self.weights[pick])
+
+    def fingerprint(self) -> str:
+        """What a resumed run must train on to continue this one: rows, weights, order, shape."""
+        rows = np.concatenate([np.asarray(r + [-1], dtype=np.int64) for r in self.rows])
+        return _digest(rows.tobytes() + self.weights.numpy().tobytes() + self.order.numpy().tobytes(),
+                       (self.seq_len, self.batch, self.seed, self.pad_id, self.curriculum))
+
+
+def _digest(data: bytes, shape: tuple) -> str:
+    import hashlib
+
+    return hashlib.sha256(data + repr(shape).encode()).hexdigest()[:16]

@@ -214,6 +214,11 @@ def latest(root: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Rank 0's JSON state of checkpoint folder `path` (step, world_size, extra...), tensors not read."""
+    return json.loads((Path(path) / "state-rank00000.json").read_text(encoding="utf-8"))
+
+
 def load(path: str | os.PathLike, engine: Any) -> dict[str, Any]:
     """Restore module, optimizer, scheduler, counters and RNG from checkpoint folder `path`;
     returns {"step": ..., "extra": ...} for the caller's own state (data position...)."""

@@ -333,6 +333,49 @@ def test_generate_appends_tokens_and_greedy_is_deterministic():
     assert torch.equal(m.generate(idx, 6, temperature=0), m.generate(idx, 6, temperature=0))
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kv_cache_gives_the_logits_of_a_full_forward(variant):
+    """Prefill 9 tokens, then feed the rest one at a time (and a chunk of 3): every position's
+    logits equal those of one forward over the whole sequence (hybrid's block choice included)."""
+    m = model_of(**VARIANTS[variant]).eval()
+    idx = tokens(2, 24)
+    full, _ = m(idx)
+    cache = m.new_cache(2)
+    parts = [m(idx[:, :9], cache=cache)[0]]
+    parts += [m(idx[:, t:t + 1], cache=cache)[0] for t in range(9, 21)]
+    parts.append(m(idx[:, 21:24], cache=cache)[0])
+    assert cache.length == 24
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["dense", "hybrid-moe"])
+def test_cached_greedy_generation_equals_the_uncached_one(variant):
+    m = model_of(**VARIANTS[variant]).eval()
+    idx = tokens(3, 6)
+    cached = m.generate(idx, 20, temperature=0)  # 26 <= block_size: KV cache
+    slow = idx
+    for _ in range(20):  # the definition: argmax of a full forward, token by token
+        slow = torch.cat((slow, m(slow)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(cached, slow)
+
+
+def test_generation_stops_rows_at_eos_and_sampling_follows_the_generator():
+    m = model_of().eval()
+    idx = tokens(4, 3)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = m.generate(idx, 12, temperature=1.0, generator=g1)
+    assert torch.equal(a, m.generate(idx, 12, temperature=1.0, generator=g2))
+    eos = int(a[0, 5])  # a token row 0 is known to produce at step 3
+    out = m.generate(idx, 12, temperature=1.0, eos_id=eos, generator=torch.Generator().manual_seed(5))
+    for row in out[:, 3:]:
+        hits = (row == eos).nonzero()
+        if len(hits):
+            assert (row[int(hits[0]):] == eos).all()  # eos, then only eos
+    assert (out[0, 3:6] == a[0, 3:6]).all() and (out[0, 6:] == eos).all()
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        m.generate(idx[:, :0], 3)
+
+
 # ---- convergence -----------------------------------------------------------------------------
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 8

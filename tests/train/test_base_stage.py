@@ -42,9 +42,16 @@ def test_train_resume_keeps_the_tokenizer_and_refuses_foreign_folders(tmp_path):
     again = _train(data, out)  # same parameters: resumes (at the end), the tokenizer is not retrained
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == stamp
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["val_loss"] > 0  # the logged validation loss, though no step ran
 
     changed = _train(data, out, "--set", "train.lr=0.01")
     assert changed.returncode == 2 and "other model or train parameters" in changed.stderr
+
+    write_jsonl(data / "train.jsonl", [{**r, "weight": 1.0} for r in rows[:99]])  # one row fewer
+    other_data = _train(data, out)
+    assert other_data.returncode == 2 and "training data" in other_data.stderr
+    assert json.loads((out / "manifest.json").read_text()) == manifest  # nothing rewritten
 
     foreign = tmp_path / "photos"
     foreign.mkdir()

@@ -67,8 +67,41 @@ def test_outputs_and_learning(tmp_path):
     assert len(list((tmp_path / "checkpoints").glob("step-*"))) == 3  # keep_checkpoints
 
 
+def test_resuming_under_another_number_of_processes_is_refused(tmp_path):
+    _run(tmp_path, "dense", "4")
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", str(SCRIPT), str(tmp_path), "dense", "4"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode != 0
+    assert "written by 1 data-parallel processes and this run has 2" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("variant", ["moe", "hybrid"])
 def test_other_variants_learn(tmp_path, variant):
     _run(tmp_path, variant, "24")
     rows = _metrics(tmp_path)
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, procs):
+    launcher = [] if procs == 1 else ["-m", "deepspeed.launcher.runner", "--num_gpus", str(procs)]
+    proc = subprocess.run([sys.executable, *launcher, str(REPO / "tests/train/fp16_script.py"), str(tmp_path)],
+                          env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in range(procs):
+        log = json.loads((tmp_path / f"fp16-rank{rank}.json").read_text())
+        assert {r["dtype"] for r in log} == {"torch.float16"}
+        initial = log[2]["scale"]
+        assert initial == 2.0 ** 16 and log[2]["skipped"] == 0
+        assert [r["skipped"] for r in log[3:]] == [1, 2, 2]
+        assert [r["changed"] for r in log[2:]] == [True, False, False, True]  # overflowed steps skipped
+        # one process: the scale halves at each overflow; ZeRO (hysteresis 2): after the second
+        assert log[4]["scale"] < initial and log[4]["scale"] == log[5]["scale"]
+        assert log[3]["scale"] == (initial / 2 if procs == 1 else initial)
+    rows = _metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["loss_scale"] > 0 and r["skipped_steps"] >= 0 for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]

@@ -12,14 +12,15 @@ from components.train.batches import StreamBatches
 from components.train.config import TrainConfig
 from components.train.engine import train
 
-out, variant = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "dense")
+argv = [a for a in sys.argv if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+out, variant = argv[1], (argv[2] if len(argv) > 2 else "dense")
 tok = ByteTokenizer()
 text = "".join(f"{a} plus {b} is {a + b}. " for a in range(40) for b in range(0, 40, 3))
 ids = torch.tensor(tok.encode(text), dtype=torch.long)
 model_cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=32,
                         ffn="moe" if variant == "moe" else "dense",
                         attention="hybrid" if variant == "hybrid" else "dense", window=8, block=8, top_k_blocks=1)
-cfg = TrainConfig(steps=int(sys.argv[3]) if len(sys.argv) > 3 else 16, micro_batch=4, grad_accum=2, lr=3e-3,
+cfg = TrainConfig(steps=int(argv[3]) if len(argv) > 3 else 16, micro_batch=4, grad_accum=2, lr=3e-3,
                   warmup_steps=2, checkpoint_every=4, eval_every=8, eval_batches=2)
 n = int(ids.numel() * 0.9)
 summary = train(model_cfg, cfg, StreamBatches(ids[:n], 32, 4, 0), StreamBatches(ids[n:], 32, 4, 1), tok, out,
