@@ -6,6 +6,11 @@
     distillery filter data/validated/clean.jsonl --out data/filtered
     distillery split data/filtered/kept.jsonl --out data/split
     distillery train --stage base --data data/split --out data/base   # DeepSpeed; again to resume
+    distillery train --stage reinforce --init data/base/model --data data/split --out data/reinforce
+    distillery train --stage finetune --init data/reinforce/model --data data/split --out data/finetune
+    distillery evaluate --checkpoint base=data/base/model --checkpoint reinforce=data/reinforce/model \
+        --data data/split --out data/evaluate
+    distillery generate --checkpoint data/finetune/model --prompt "Ann has 3 apples. ..."
     distillery compile --out pipeline.yaml                  # IR YAML for the Kubeflow UI
     distillery params --preset tiny                         # the resolved parameters
 
@@ -96,12 +101,54 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from components.train import base
+    from components.data.load import DataError
+    from components.train import base, stages
 
     params = _params(args)
-    summary = base.run(params.model, params.train, params.tokenizer, args.out, data_dir=args.data, text=args.text,
-                       fresh=args.fresh)
+    if args.stage == "base":
+        if (args.data is None) == (args.text is None):
+            raise DataError("train --stage base: give --data (a split folder) or --text (a corpus), one of them")
+        summary = base.run(params.model, params.train, params.tokenizer, args.out, data_dir=args.data,
+                           text=args.text, fresh=args.fresh)
+    else:
+        if args.init is None or args.data is None:
+            raise DataError(f"train --stage {args.stage}: give --init (the previous stage's model folder, "
+                            f"e.g. runs/base/model) and --data (a split folder)")
+        run = stages.run_reinforce if args.stage == "reinforce" else stages.run_finetune
+        summary = run(getattr(params, args.stage), args.init, args.data, args.out, fresh=args.fresh)
     _report(f"train {args.stage}", summary, Path(args.out))
+
+
+def cmd_generate_text(args: argparse.Namespace) -> None:
+    import torch
+
+    from components.train.pretrained import load_model
+
+    model, tok = load_model(args.checkpoint)
+    ids = tok.encode(args.prompt if args.raw else f"{args.prompt}\n")
+    if not ids:
+        raise ConfigError("--prompt: empty")
+    room = model.cfg.block_size - 1
+    ids = ids[-room:]
+    g = torch.Generator().manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids] * args.samples), min(args.max_new_tokens, model.cfg.block_size - len(ids)),
+                         temperature=args.temperature, top_k=args.top_k or None, eos_id=tok.eos_id, generator=g)
+    for i, row in enumerate(out[:, len(ids):].tolist()):
+        text = tok.decode(t for t in row if t != tok.eos_id)
+        print(("" if args.samples == 1 else f"--- sample {i + 1}\n") + text)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from components.train import evaluate
+
+    stages = {}
+    for item in args.checkpoint:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--checkpoint {item!r}: expected NAME=MODEL_FOLDER, e.g. base=runs/base/model")
+        stages[name] = folder
+    summary = evaluate.run(_params(args).evaluate, stages, args.data, args.out)
+    _report("evaluate", summary, Path(args.out))
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
@@ -161,13 +208,31 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     tr = sub.add_parser("train", parents=[common], help="train a stage on DeepSpeed (run again to resume)")
-    tr.add_argument("--stage", choices=["base"], default="base", help="the training stage")
-    source = tr.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="a split folder (train.jsonl, val.jsonl)")
-    source.add_argument("--text", help="a plain-text corpus instead, e.g. ../shared/data/tinyshakespeare/input.txt")
+    tr.add_argument("--stage", choices=["base", "reinforce", "finetune"], default="base",
+                    help="base (pretraining), reinforce (GRPO) or finetune (supervised, top layers)")
+    tr.add_argument("--data", help="a split folder (train.jsonl, val.jsonl)")
+    tr.add_argument("--text", help="base only: a plain-text corpus instead, e.g. ../shared/data/tinyshakespeare/input.txt")
+    tr.add_argument("--init", help="reinforce and finetune: the previous stage's model folder, e.g. runs/base/model")
     tr.add_argument("--out", required=True, help="the stage's folder: checkpoints, metrics, model")
     tr.add_argument("--fresh", action="store_true", help="start afresh: remove the folder's earlier checkpoints")
     tr.set_defaults(func=cmd_train)
+
+    gen_text = sub.add_parser("generate", parents=[common], help="sample text from a stage's model folder")
+    gen_text.add_argument("--checkpoint", required=True, help="a model folder, e.g. runs/reinforce/model")
+    gen_text.add_argument("--prompt", required=True, help="the problem (a newline is appended, as in training)")
+    gen_text.add_argument("--raw", action="store_true", help="use the prompt as it is, no newline appended")
+    gen_text.add_argument("--max-new-tokens", type=int, default=64)
+    gen_text.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gen_text.add_argument("--top-k", type=int, default=0)
+    gen_text.add_argument("--samples", type=int, default=1)
+    gen_text.add_argument("--seed", type=int, default=0)
+    gen_text.set_defaults(func=cmd_generate_text)
+    ev = sub.add_parser("evaluate", parents=[common], help="held-out accuracy and perplexity of stages' models")
+    ev.add_argument("--checkpoint", action="append", required=True, metavar="NAME=MODEL_FOLDER",
+                    help="a stage's model folder, e.g. base=runs/base/model (repeatable, in stage order)")
+    ev.add_argument("--data", required=True, help="a split folder (test.jsonl) or a .jsonl file of problems")
+    ev.add_argument("--out", required=True, help="output folder: metrics.json, stages.md, stages.png")
+    ev.set_defaults(func=cmd_evaluate)
 
     comp = sub.add_parser("compile", parents=[common], help="write the pipeline's IR YAML")
     comp.add_argument("--out", default="pipeline.yaml")

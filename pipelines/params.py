@@ -17,7 +17,7 @@ import yaml
 from components.config import ConfigError, from_dict, merge, to_dict
 from components.data.config import FilterConfig, GenerateConfig, SourceConfig, SplitConfig, ValidateConfig
 from components.model import ModelConfig
-from components.train.config import TokenizerConfig, TrainConfig
+from components.train.config import EvaluateConfig, FinetuneConfig, ReinforceConfig, TokenizerConfig, TrainConfig
 
 REPO_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 
@@ -42,6 +42,12 @@ class PipelineParams:
     """The language model's architecture."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The base training stage on DeepSpeed."""
+    reinforce: ReinforceConfig = field(default_factory=ReinforceConfig)
+    """The reinforcement stage (GRPO with verifiable rewards)."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """The supervised fine-tune stage (top layers)."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Held-out evaluation of every stage."""
 
     def as_dict(self) -> dict[str, Any]:
         return to_dict(self)

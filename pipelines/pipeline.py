@@ -36,6 +36,9 @@ def build_pipeline(params: PipelineParams) -> Any:
         tokenizer_config: dict = p["tokenizer"],
         model_config: dict = p["model"],
         train_config: dict = p["train"],
+        reinforce_config: dict = p["reinforce"],
+        finetune_config: dict = p["finetune"],
+        evaluate_config: dict = p["evaluate"],
     ):
         ingest = data.ingest(source_uri=source_uri, source_config=source_config, generate_config=generate_config)
         ingest.set_display_name("ingest")
@@ -50,6 +53,17 @@ def build_pipeline(params: PipelineParams) -> Any:
         base = training.train_base(splits=split.outputs["splits"], tokenizer_config=tokenizer_config,
                                    model_config=model_config, train_config=train_config)
         base.set_display_name("train base")
+        reinforce = training.train_reinforce(base_model=base.outputs["model"], splits=split.outputs["splits"],
+                                             reinforce_config=reinforce_config)
+        reinforce.set_display_name("train reinforce (GRPO)")
+        finetune = training.train_finetune(init_model=reinforce.outputs["model"], splits=split.outputs["splits"],
+                                           finetune_config=finetune_config)
+        finetune.set_display_name("train finetune")
+        evaluation = training.evaluate_stages(base_model=base.outputs["model"],
+                                              reinforce_model=reinforce.outputs["model"],
+                                              finetune_model=finetune.outputs["model"],
+                                              splits=split.outputs["splits"], evaluate_config=evaluate_config)
+        evaluation.set_display_name("evaluate stages")
 
     return distillery
 

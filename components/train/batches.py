@@ -171,6 +171,7 @@ class StreamBatches:
 
 class RowBatches:
     """Rows (each a token list with a weight), sampled whole, right-padded to the longest.
+    With `loss_from`, row i takes no loss on its first loss_from[i] tokens (fine-tuning: the prompt).
 
     With a curriculum and a `difficulty` per row, step s draws only from the easiest
     `pool_size(s)` rows (ordered by difficulty, ties by row index), and cuts each row to
@@ -178,12 +179,15 @@ class RowBatches:
 
     def __init__(self, rows: list[list[int]], weights: list[float], seq_len: int, batch: int, seed: int,
                  pad_id: int, difficulty: Sequence[float] | np.ndarray | None = None,
-                 curriculum: Curriculum | None = None):
+                 curriculum: Curriculum | None = None, loss_from: Sequence[int] | None = None):
         if not rows:
             raise ValueError("no rows to train on")
         if len(weights) != len(rows):
             raise ValueError(f"{len(rows)} rows but {len(weights)} weights")
+        if loss_from is not None and len(loss_from) != len(rows):
+            raise ValueError(f"{len(rows)} rows but {len(loss_from)} loss_from positions")
         self.rows = [r[:seq_len + 1] for r in rows]
+        self.loss_from = list(loss_from) if loss_from is not None else None
         self.weights = torch.tensor(weights, dtype=torch.float32)
         self.seq_len, self.batch, self.seed, self.pad_id = seq_len, batch, seed, pad_id
         self.curriculum = curriculum or Curriculum()
@@ -218,11 +222,14 @@ class RowBatches:
             row = torch.tensor(r, dtype=torch.long)
             idx[b, :len(row) - 1] = row[:-1]
             targets[b, :len(row) - 1] = row[1:]
+            if self.loss_from is not None:  # no loss on predicting tokens before loss_from (the prompt)
+                targets[b, :max(0, self.loss_from[pick[b]] - 1)] = IGNORE
         return Batch(idx, targets, self.weights[pick])
 
     def fingerprint(self) -> str:
         """What a resumed run must train on to continue this one: rows, weights, order, shape."""
-        rows = np.concatenate([np.asarray(r + [-1], dtype=np.int64) for r in self.rows])
+        rows = np.concatenate([np.asarray(r + [-1], dtype=np.int64) for r in self.rows]
+                              + [np.asarray(self.loss_from or [], dtype=np.int64)])
         return _digest(rows.tobytes() + self.weights.numpy().tobytes() + self.order.numpy().tobytes(),
                        (self.seq_len, self.batch, self.seed, self.pad_id, self.curriculum))
 

@@ -155,8 +155,9 @@ COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
 
 
 def save(root: str | os.PathLike, step: int, engine: Any, extra: dict[str, Any] | None = None,
-         keep: int = 3) -> Path:
-    """Write checkpoint `step` under `root`, point `latest` at it, keep the newest `keep`."""
+         keep: int = 3, modules: dict[str, torch.nn.Module] | None = None) -> Path:
+    """Write checkpoint `step` under `root`, point `latest` at it, keep the newest `keep`.
+    `modules` are more modules to carry (rank 0 writes each as `<name>.safetensors`)."""
     root = Path(root)
     rank, world, barrier = _dist()
     final = root / f"step-{step:08d}"
@@ -169,6 +170,8 @@ def save(root: str | os.PathLike, step: int, engine: Any, extra: dict[str, Any] 
     module, optimizer, scheduler = _engine_parts(engine)
     if rank == 0:
         save_module(module, tmp / "model.safetensors")
+        for name, extra_module in (modules or {}).items():
+            save_module(extra_module, tmp / f"{name}.safetensors")
     tensors: dict[str, torch.Tensor] = {}
     state = {
         "step": step, "world_size": world,
@@ -219,9 +222,9 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(path) / "state-rank00000.json").read_text(encoding="utf-8"))
 
 
-def load(path: str | os.PathLike, engine: Any) -> dict[str, Any]:
-    """Restore module, optimizer, scheduler, counters and RNG from checkpoint folder `path`;
-    returns {"step": ..., "extra": ...} for the caller's own state (data position...)."""
+def load(path: str | os.PathLike, engine: Any, modules: dict[str, torch.nn.Module] | None = None) -> dict[str, Any]:
+    """Restore module, optimizer, scheduler, counters and RNG from checkpoint folder `path`, and
+    the `modules` saved with it; returns {"step": ..., "extra": ...} for the caller's own state."""
     path = Path(path)
     rank, world, _ = _dist()
     state = json.loads((path / f"state-rank{rank:05d}.json").read_text(encoding="utf-8"))
@@ -231,6 +234,8 @@ def load(path: str | os.PathLike, engine: Any) -> dict[str, Any]:
     tensors = load_file(str(path / f"optimizer-rank{rank:05d}.safetensors"))
     module, optimizer, scheduler = _engine_parts(engine)
     load_module(module, path / "model.safetensors")
+    for name, extra_module in (modules or {}).items():
+        load_module(extra_module, path / f"{name}.safetensors")
     if optimizer is not None and state["optimizer"] is not None:
         restored = unflatten(state["optimizer"], tensors, optimizer.state_dict())
         if hasattr(optimizer, "load_state_dict") and "single_partition_of_fp32_groups" in restored:

@@ -30,3 +30,68 @@ def train_base(splits: Input[Dataset], tokenizer_config: dict, model_config: dic
     png = base64.b64encode((Path(model.path) / "loss.png").read_bytes()).decode("ascii")
     Path(loss_curve.path).write_text(f'<!doctype html><meta charset="utf-8"><title>base stage loss</title>'
                                      f'<img alt="loss curve" src="data:image/png;base64,{png}">', encoding="utf-8")
+
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_reinforce(base_model: Input[Model], splits: Input[Dataset], reinforce_config: dict,
+                    model: Output[Model], metrics: Output[Metrics], rewards_curve: Output[HTML]):
+    """GRPO with verifiable rewards from the base stage's model; the output folder holds the
+    checkpoints, metrics.jsonl, rewards.png and model/."""
+    import base64
+    from pathlib import Path
+
+    from components.config import from_dict
+    from components.kfp_io import log_metrics
+    from components.train import stages
+    from components.train.config import ReinforceConfig
+
+    summary = stages.run_reinforce(from_dict(ReinforceConfig, reinforce_config, "reinforce"),
+                                   str(Path(base_model.path) / "model"), splits.path, model.path, progress=False)
+    log_metrics(metrics, summary)
+    png = base64.b64encode((Path(model.path) / "rewards.png").read_bytes()).decode("ascii")
+    Path(rewards_curve.path).write_text(f'<!doctype html><meta charset="utf-8"><title>GRPO rewards</title>'
+                                        f'<img alt="rewards" src="data:image/png;base64,{png}">', encoding="utf-8")
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_finetune(init_model: Input[Model], splits: Input[Dataset], finetune_config: dict,
+                   model: Output[Model], metrics: Output[Metrics]):
+    """Supervised fine-tune (response tokens, top layers) from the reinforce stage's model."""
+    from pathlib import Path
+
+    from components.config import from_dict
+    from components.kfp_io import log_metrics
+    from components.train import stages
+    from components.train.config import FinetuneConfig
+
+    summary = stages.run_finetune(from_dict(FinetuneConfig, finetune_config, "finetune"),
+                                  str(Path(init_model.path) / "model"), splits.path, model.path, progress=False)
+    log_metrics(metrics, summary)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate_stages(base_model: Input[Model], reinforce_model: Input[Model], finetune_model: Input[Model],
+                    splits: Input[Dataset], evaluate_config: dict, report: Output[HTML],
+                    metrics: Output[Metrics]):
+    """Held-out accuracy and perplexity of the three stages' models, a table and a plot."""
+    import base64
+    from pathlib import Path
+
+    from components.config import from_dict
+    from components.kfp_io import log_metrics
+    from components.train import evaluate
+    from components.train.config import EvaluateConfig
+
+    import tempfile
+
+    out = Path(tempfile.mkdtemp()) / "evaluate"  # the table and plot go into the HTML artifact
+    result = evaluate.run(from_dict(EvaluateConfig, evaluate_config, "evaluate"),
+                          {name: str(Path(m.path) / "model") for name, m in
+                           (("base", base_model), ("reinforce", reinforce_model), ("finetune", finetune_model))},
+                          splits.path, out)
+    log_metrics(metrics, result)
+    png = base64.b64encode((out / "stages.png").read_bytes()).decode("ascii")
+    table = (out / "stages.md").read_text(encoding="utf-8")
+    Path(report.path).write_text(f'<!doctype html><meta charset="utf-8"><title>stages</title><pre>{table}</pre>'
+                                 f'<img alt="stages" src="data:image/png;base64,{png}">', encoding="utf-8")

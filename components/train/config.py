@@ -93,3 +93,134 @@ class TokenizerConfig:
     def check(self) -> None:
         require(self.kind in ("byte", "bpe"), f"kind: {self.kind!r} is not byte or bpe")
         require(self.vocab_size >= 260, "vocab_size: at least 260 (the 256 bytes and the specials)")
+
+
+@dataclass
+class ReinforceConfig:
+    """The reinforcement stage: GRPO with verifiable rewards (DeepSeekMath / DeepSeek-R1)."""
+
+    steps: int = 60
+    """Optimizer steps (each on `prompts_per_step` groups)."""
+    prompts_per_step: int = 4
+    """Prompts per step per process; each is one micro-batch of its group."""
+    group_size: int = 8
+    """G: completions sampled per prompt; advantages are normalised within each group."""
+    updates_per_batch: int = 2
+    """mu: optimizer steps taken on each sampled batch (the ratio to the sampling policy, and so
+    the clip, matters from the second on); a new batch is sampled every mu steps."""
+    max_new_tokens: int = 64
+    """Longest completion sampled (prompt + completion must fit the model's block_size)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    top_k: int = 0
+    """Sample from the top_k tokens only (0: all)."""
+    clip: float = 0.2
+    """epsilon of the clipped ratio: min(r A, clip(r, 1-eps, 1+eps) A)."""
+    kl_coef: float = 0.04
+    """beta: weight of the KL penalty to the reference model (unbiased k3 estimator) in the loss."""
+    ref_update_every: int = 0
+    """Copy the policy into the reference model every this many steps (0: keep the starting model)."""
+    accuracy_weight: float = 1.0
+    """Reward = accuracy_weight * accuracy + format_weight * format."""
+    format_weight: float = 0.5
+    """See accuracy_weight."""
+    answer_marker: str = "####"
+    """What precedes the final answer (components/train/rewards.py)."""
+    grow_layers: int = 0
+    """Progressive growth: deepen the model by this many blocks before the stage (copies of
+    trained blocks whose output projections start at zero, so the function is unchanged)."""
+    lr: float = 2e-4
+    """Peak learning rate (warm-up, then cosine to lr * 0.1)."""
+    warmup_steps: int = 5
+    """Linear warm-up steps."""
+    precision: str = "fp32"
+    """bf16, fp32 or fp16 (as train.precision); fp32 by default: the ratio exp(logp - old) wants it."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage across processes."""
+    seed: int = 0
+    """Seeds prompt choice and sampling (step s depends only on seed, s)."""
+    checkpoint_every: int = 20
+    """Checkpoint every this many steps (a multiple of updates_per_batch)."""
+    eval_every: int = 20
+    """Validation loss every this many steps (0: at the end only)."""
+
+    def check(self) -> None:
+        require(self.steps >= 1 and self.prompts_per_step >= 1, "steps and prompts_per_step must be at least 1")
+        require(self.group_size >= 2, "group_size: at least 2 (advantages compare completions of a group)")
+        require(self.updates_per_batch >= 1, "updates_per_batch: at least 1")
+        require(self.steps % self.updates_per_batch == 0 and self.checkpoint_every % self.updates_per_batch == 0,
+                "steps and checkpoint_every: must be multiples of updates_per_batch (a resume starts a batch)")
+        require(self.max_new_tokens >= 1, "max_new_tokens: at least 1")
+        require(self.temperature > 0, "temperature: must be > 0 (rollouts are sampled)")
+        require(self.top_k >= 0 and self.ref_update_every >= 0, "top_k and ref_update_every must be >= 0")
+        require(0 < self.clip < 1, "clip: must be within (0, 1)")
+        require(self.kl_coef >= 0, "kl_coef: must not be negative")
+        require(self.accuracy_weight >= 0 and self.format_weight >= 0 and self.accuracy_weight + self.format_weight > 0,
+                "accuracy_weight and format_weight: not negative, not both 0")
+        require(bool(self.answer_marker.strip()), "answer_marker: must not be blank")
+        require(self.grow_layers >= 0, "grow_layers: must not be negative")
+        require(self.precision in PRECISIONS, f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+
+    def train_config(self) -> TrainConfig:
+        """The engine's view: one micro-batch per prompt group."""
+        return TrainConfig(steps=self.steps, micro_batch=self.group_size, grad_accum=self.prompts_per_step,
+                           lr=self.lr, warmup_steps=min(self.warmup_steps, self.steps - 1), precision=self.precision,
+                           zero_stage=self.zero_stage, seed=self.seed, checkpoint_every=self.checkpoint_every,
+                           keep_checkpoints=2, eval_every=self.eval_every, curriculum_start=1.0, weight_decay=0.0)
+
+
+@dataclass
+class FinetuneConfig:
+    """The fine-tune stage: supervised prompt -> response, loss on the response tokens only."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    micro_batch: int = 12
+    """Sequences per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate (warm-up, then cosine to lr * 0.1)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    train_top_layers: int = 2
+    """Train only the top this many blocks (and the final norm); the embeddings, the tied output
+    head and the blocks below stay frozen, bit for bit. 0 trains everything."""
+    precision: str = "bf16"
+    """bf16, fp32 or fp16 (as train.precision)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage across processes."""
+    seed: int = 0
+    """Seeds the batch sampler."""
+    checkpoint_every: int = 50
+    """Checkpoint every this many steps."""
+    eval_every: int = 50
+    """Validation loss (response tokens) every this many steps (0: at the end only)."""
+
+    def check(self) -> None:
+        require(self.steps >= 1 and self.micro_batch >= 1 and self.grad_accum >= 1,
+                "steps, micro_batch and grad_accum must be at least 1")
+        require(self.lr > 0, "lr: must be > 0")
+        require(self.train_top_layers >= 0, "train_top_layers: must not be negative (0 trains everything)")
+        require(self.precision in PRECISIONS, f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.steps, micro_batch=self.micro_batch, grad_accum=self.grad_accum, lr=self.lr,
+                           warmup_steps=min(self.warmup_steps, self.steps - 1), precision=self.precision,
+                           zero_stage=self.zero_stage, seed=self.seed, checkpoint_every=self.checkpoint_every,
+                           keep_checkpoints=2, eval_every=self.eval_every, curriculum_start=1.0)
+
+
+@dataclass
+class EvaluateConfig:
+    """Held-out evaluation of every stage's model: exact-match accuracy and perplexity."""
+
+    max_rows: int = 200
+    """Test rows evaluated (the first ones of test.jsonl; 0: all)."""
+    max_new_tokens: int = 64
+    """Greedy completion length per problem."""
+    answer_marker: str = "####"
+    """What precedes the final answer."""
+
+    def check(self) -> None:
+        require(self.max_rows >= 0 and self.max_new_tokens >= 1, "max_rows >= 0 and max_new_tokens >= 1")

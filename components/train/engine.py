@@ -26,7 +26,7 @@ import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -40,6 +40,47 @@ from components.train.config import TrainConfig
 
 class Batches(Protocol):
     def get(self, step: int, micro: int = 0) -> Batch: ...
+
+
+class Objective(Protocol):
+    """What one optimizer step of a stage does; the engine owns everything around it (resume,
+    logging, checkpoints, evaluation, export)."""
+
+    def step(self, engine, step: int, rank: int, world: int) -> dict[str, Any]:
+        """Run `grad_accum` micro-steps (engine.backward + engine.step each); return the step's
+        metrics: at least "loss" and "tokens" (this rank's trained tokens)."""
+
+    def fingerprint(self) -> str | None:
+        """A digest of the data: a checkpoint resumes only on the same."""
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Extra modules whose weights a checkpoint carries (a frozen reference model...)."""
+
+
+class LanguageModeling:
+    """The base and fine-tune objective: next-token cross-entropy on `batches`, each sequence's
+    loss scaled by its sample weight (targets IGNORE where no loss is taken)."""
+
+    def __init__(self, batches: Batches):
+        self.batches = batches
+
+    def step(self, engine, step: int, rank: int, world: int) -> dict[str, Any]:
+        tokens, total = 0, 0.0
+        accum = engine.gradient_accumulation_steps()
+        for micro in range(accum):
+            b = self.batches.get(step, micro * world + rank)  # each rank its own micro-batches
+            _, loss = engine(b.idx, b.targets, b.weights)
+            engine.backward(loss)
+            engine.step()
+            tokens += b.tokens
+            total += loss.item()
+        return {"loss": total / accum, "tokens": tokens}
+
+    def fingerprint(self) -> str | None:
+        return self.batches.fingerprint() if hasattr(self.batches, "fingerprint") else None
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {}
 
 
 def _single_process_group() -> None:
@@ -79,8 +120,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
     return ds
 
 
-def build_engine(model_cfg: ModelConfig, cfg: TrainConfig):
-    """(engine, model): the model initialised from `cfg.seed`, wrapped by DeepSpeed."""
+def build_engine(model_cfg: ModelConfig, cfg: TrainConfig, init: dict[str, torch.Tensor] | None = None,
+                 freeze: Callable[[Transformer], None] | None = None):
+    """(engine, model): the model initialised from `cfg.seed`, or loaded from the state dict
+    `init` (a previous stage's weights), `freeze` applied (it clears requires_grad of what must
+    not train), wrapped by DeepSpeed."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -90,6 +134,10 @@ def build_engine(model_cfg: ModelConfig, cfg: TrainConfig):
     _single_process_group()
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg)
+    if init is not None:
+        model.load_state_dict(init)
+    if freeze is not None:
+        freeze(model)
     groups = model.configure_optimizer_groups(cfg.weight_decay)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(cfg, world))
@@ -111,15 +159,20 @@ def evaluate(engine, batches: Batches, n: int) -> float:
     return sum(losses) / len(losses)
 
 
-def run_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig) -> str:
+def run_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, stage: dict[str, Any] | None = None,
+                    init: dict[str, torch.Tensor] | None = None) -> str:
     """What a checkpoint must share with the run that resumes it: every model and train setting
-    except those that only say how often to save and measure."""
+    except those that only say how often to save and measure, the stage's own settings, and
+    the starting weights."""
     import hashlib
 
     train = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "keep_checkpoints",
                                                                  "eval_every", "eval_batches")}
-    blob = json.dumps({"model": asdict(model_cfg), "train": train}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    blob = json.dumps({"model": asdict(model_cfg), "train": train, "stage": stage}, sort_keys=True).encode()
+    h = hashlib.sha256(blob)
+    for name in sorted(init or {}):
+        h.update(name.encode() + init[name].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def check_resumable(path: Path, run_id: dict[str, Any], world: int) -> None:
@@ -146,22 +199,30 @@ def _cut_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches, val_batches: Batches | None,
-          tokenizer: Any, out_dir: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) one stage into `out_dir`; returns the summary metrics."""
+def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Objective,
+          val_batches: Batches | None, tokenizer: Any, out_dir: str | os.PathLike, progress: bool = True,
+          init: dict[str, torch.Tensor] | None = None, freeze: Callable[[Transformer], None] | None = None,
+          stage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or resume) one stage into `out_dir`; returns the summary metrics.
+
+    `train_batches` is a batch sampler (language modeling) or an Objective (GRPO...). `init`
+    and `freeze` go to build_engine; `stage` (JSON) joins the run's fingerprint, so a checkpoint
+    only resumes the same stage settings, and is written into the exported model.json."""
     from tqdm import tqdm
 
+    objective = train_batches if hasattr(train_batches, "step") else LanguageModeling(train_batches)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    engine, model = build_engine(model_cfg, cfg)
+    engine, model = build_engine(model_cfg, cfg, init, freeze)
+    frozen = {n: init[n].float() for n, p in model.named_parameters() if not p.requires_grad} if init else {}
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     start = 0
-    run_id = {"fingerprint": run_fingerprint(model_cfg, cfg),
-              "data": train_batches.fingerprint() if hasattr(train_batches, "fingerprint") else None}
+    run_id = {"fingerprint": run_fingerprint(model_cfg, cfg, stage, init), "data": objective.fingerprint()}
+    extra_modules = objective.modules()
     resume_from = checkpoint.latest(out / "checkpoints")
     if resume_from is not None:
         check_resumable(resume_from, run_id, world)
-        state = checkpoint.load(resume_from, engine)
+        state = checkpoint.load(resume_from, engine, extra_modules)
         start = state["step"]
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
@@ -172,17 +233,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches, val_
     val_loss = None
     try:
         for step in range(start, cfg.steps):
-            t0, tokens, total = time.perf_counter(), 0, 0.0
-            for micro in range(cfg.grad_accum):
-                b = train_batches.get(step, micro * world + rank)  # each rank its own micro-batches
-                _, loss = engine(b.idx, b.targets, b.weights)
-                engine.backward(loss)
-                engine.step()
-                tokens += b.tokens
-                total += loss.item()
+            t0 = time.perf_counter()
+            result = objective.step(engine, step, rank, world)
             balance_experts(model)
-            record = {"step": step + 1, "loss": total / cfg.grad_accum, "lr": engine.get_lr()[0],
-                      "tokens_per_s": tokens * torch.distributed.get_world_size() / (time.perf_counter() - t0)}
+            tokens = result.pop("tokens")
+            record = {"step": step + 1, "loss": result.pop("loss"), "lr": engine.get_lr()[0],
+                      "tokens_per_s": tokens * world / (time.perf_counter() - t0), **result}
             if cfg.precision == "fp16":
                 record.update(loss_scale=float(engine.optimizer.loss_scale), skipped_steps=engine.skipped_steps)
             last = step + 1 == cfg.steps
@@ -198,16 +254,35 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches, val_
             bar.update()
             if last or (step + 1) % cfg.checkpoint_every == 0:
                 checkpoint.save(out / "checkpoints", step + 1, engine, extra=run_id,
-                                keep=cfg.keep_checkpoints)
+                                keep=cfg.keep_checkpoints, modules=extra_modules)
     finally:
         bar.close()
         if log:
             log.close()
     summary = summarize(metrics_path, model, val_loss)
     if rank == 0:
-        export(out / "model", engine.module, model_cfg, tokenizer)
+        export(out / "model", fp32_state(engine, frozen), model_cfg, tokenizer, stage)
         plot_losses(metrics_path, out / "loss.png")
     return summary
+
+
+def fp32_state(engine, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained model's fp32 weights: DeepSpeed's fp32 master copy of each trained parameter
+    where it keeps one (bf16, fp16, ZeRO), the parameter itself otherwise, and the exact starting
+    values of the frozen ones (the module holds them cast to bf16/fp16 for compute)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    for name, p in engine.module.named_parameters():
+        if name in frozen:
+            state[name] = frozen[name].clone()
+        elif p.requires_grad:
+            master = safe_get_full_fp32_param(p)
+            if master is not None:
+                state[name] = master.detach().float().reshape(p.shape).clone()
+    if "lm_head.weight" in state and engine.module.cfg.tie_embeddings:
+        state["lm_head.weight"] = state["wte.weight"]
+    return state
 
 
 def balance_experts(model: Transformer) -> None:
@@ -233,18 +308,19 @@ def summarize(metrics_path: Path, model: Transformer, val_loss: float | None) ->
             "tokens_per_s": sum(r["tokens_per_s"] for r in tail) / len(tail)}
 
 
-def export(folder: Path, module: torch.nn.Module, model_cfg: ModelConfig, tokenizer: Any) -> None:
+def export(folder: Path, state: dict[str, torch.Tensor], model_cfg: ModelConfig, tokenizer: Any,
+           stage: dict[str, Any] | None = None) -> None:
     """model.safetensors (fp32), model.json and the tokenizer, as one folder, whole or not at all."""
     from safetensors.torch import save_model
 
     with atomic_dir(folder) as tmp:
-        state = {k: v.float() for k, v in module.state_dict().items()}
         fp32 = Transformer(model_cfg)
         fp32.load_state_dict(state)
         save_model(fp32, str(tmp / "model.safetensors"))  # tied weights stored once
         (tmp / "model.json").write_text(json.dumps(asdict(model_cfg), indent=2) + "\n", encoding="utf-8")
         tokenizer.save(tmp / "tokenizer")
-        (tmp / "manifest.json").write_text(json.dumps({"step": "train", "params": fp32.num_params()}) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps({"step": "train", "params": fp32.num_params(),
+                                                       "stage": stage or {"name": "base"}}) + "\n")
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:

@@ -41,8 +41,11 @@ def test_dvc_repro_runs_the_stages_and_then_is_up_to_date(tmp_path):
                 "data/split/train.jsonl", "dvc.lock"):
         assert (work / out).is_file(), out
     lock = yaml.safe_load((work / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"generate", "validate", "filter", "split", "train_base"}
-    assert (work / "data/base/model/model.safetensors").is_file()
+    assert set(lock["stages"]) == {"generate", "validate", "filter", "split", "train_base", "train_reinforce",
+                                   "train_finetune", "evaluate"}
+    for stage in ("base", "reinforce", "finetune"):
+        assert (work / f"data/{stage}/model/model.safetensors").is_file()
+    assert "finetune_accuracy" in json.loads((work / "data/evaluate/metrics.json").read_text())
     assert lock["stages"]["generate"]["params"]["params.yaml"]["preset"] == "tiny"
     assert sum(1 for _ in open(work / "data/sample/raw.jsonl")) == 400  # the tiny preset's rows
 
@@ -71,3 +74,11 @@ def test_dvc_repro_runs_the_stages_and_then_is_up_to_date(tmp_path):
     assert "Running stage 'split'" in third.stdout
     assert "Running stage 'validate'" not in third.stdout
     assert "Running stage 'train_base'" in third.stdout  # its data changed
+    assert "Running stage 'evaluate'" in third.stdout  # and so does everything after it
+
+    # a reinforce parameter re-runs reinforce and what follows, not base
+    params["reinforce"]["kl_coef"] = 0.1
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = _run(dvc + ["repro"], work, env)
+    assert "Running stage 'train_reinforce'" in fourth.stdout and "Running stage 'train_finetune'" in fourth.stdout
+    assert "Running stage 'train_base'" not in fourth.stdout

@@ -20,7 +20,10 @@ def test_compiled_pipeline_loads_back_with_kfp(tmp_path):
     assert loaded.name == "distillery"
     spec = yaml.safe_load(out.read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"ingest", "validate", "filter-rows", "split", "train-base"}
+    assert set(tasks) == {"ingest", "validate", "filter-rows", "split", "train-base", "train-reinforce",
+                          "train-finetune", "evaluate-stages"}
+    assert tasks["train-finetune"]["dependentTasks"] == ["split", "train-reinforce"] or \
+        set(tasks["train-finetune"]["dependentTasks"]) == {"split", "train-reinforce"}
     # the preset's values are the defaults of the run form
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     tiny, _ = load_params(REPO_PARAMS, "tiny")
@@ -57,6 +60,17 @@ def test_local_run_writes_every_artifact(local_run):
     losses = [json.loads(line)["loss"] for line in open(base / "metrics.jsonl")]
     assert len(losses) == 30 and losses[-1] < losses[0]  # the tiny preset's 30 steps, learning
     assert "data:image/png;base64," in (local_run / "train-base" / "loss_curve").read_text()
+    # the chain: reinforce from base, finetune from reinforce, evaluate all three
+    rl = local_run / "train-reinforce" / "model"
+    assert json.loads((rl / "manifest.json").read_text())["inputs"]["init"]["path"].endswith(
+        "train-base/model/model/model.safetensors")
+    assert "data:image/png;base64," in (local_run / "train-reinforce" / "rewards_curve").read_text()
+    assert (local_run / "train-finetune" / "model" / "model" / "model.safetensors").is_file()
+    report = (local_run / "evaluate-stages" / "report").read_text()
+    assert "| base |" in report and "| reinforce |" in report and "| finetune |" in report
+    outputs = json.loads((local_run / "evaluate-stages" / "executor_output.json").read_text())["artifacts"]
+    (logged,) = outputs["metrics"]["artifacts"]
+    assert 0 <= logged["metadata"]["finetune_accuracy"] <= 1
 
 
 def test_local_run_lineage_and_conservation(local_run):

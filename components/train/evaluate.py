@@ -1,0 +1,144 @@
+"""Evaluate every stage's model on held-out verifiable problems, side by side.
+
+    distillery evaluate --checkpoint base=runs/base/model --checkpoint reinforce=runs/reinforce/model \\
+        --checkpoint finetune=runs/finetune/model --data data/split --out runs/evaluate
+
+Per stage: exact-match accuracy (greedy completion; the number after the answer marker equals
+the reference answer, components/train/rewards.py), the format rate, and the perplexity of the
+reference responses (exp of the mean cross-entropy over response tokens, prompts excluded).
+Writes metrics.json ({stage}_{measure}), stages.md (a table), stages.png (bars) and
+completions.jsonl (what each stage answered).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.artifacts import atomic_dir, finish
+from components.data.load import DataError, load_canonical
+from components.train.config import EvaluateConfig
+from components.train.rewards import accuracy_reward, format_reward, reference_answer
+
+
+def problems(data: str | os.PathLike, cfg: EvaluateConfig) -> list[dict]:
+    """The held-out rows with a verifiable answer: test.jsonl of a split folder, or a .jsonl file."""
+    path = Path(data)
+    if path.is_dir():
+        path = path / "test.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; give a split folder (with test.jsonl) or a .jsonl file of problems")
+    rows = [r for r in load_canonical(path) if reference_answer(r, cfg.answer_marker) is not None]
+    if not rows:
+        raise DataError(f"{path}: no row with a verifiable answer to evaluate on")
+    return rows[:cfg.max_rows] if cfg.max_rows else rows
+
+
+@torch.no_grad()
+def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int = 16) -> tuple[dict, list[dict]]:
+    """({accuracy, format, perplexity, rows}, per-row completions) of one model."""
+    from components.train.grpo import prompt_text
+
+    correct = formatted = 0.0
+    nll, count = 0.0, 0
+    answers = []
+    by_len: dict[int, list[int]] = {}
+    prompts = [tok.encode(prompt_text(r.get("prompt") or "")) for r in rows]
+    room = model.cfg.block_size - cfg.max_new_tokens
+    for i, ids in enumerate(prompts):
+        by_len.setdefault(len(ids), []).append(i)
+    completions: dict[int, str] = {}
+    for length, members in by_len.items():  # same-length prompts decode together: no padding
+        for start in range(0, len(members), batch):
+            chunk = members[start:start + batch]
+            if length == 0 or length > room:
+                for i in chunk:
+                    completions[i] = ""
+                continue
+            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long)
+            out = model.generate(idx, cfg.max_new_tokens, temperature=0, eos_id=tok.eos_id)
+            for i, row in zip(chunk, out[:, length:].tolist()):
+                completions[i] = tok.decode(t for t in row if t != tok.eos_id)
+    for i, r in enumerate(rows):
+        ref = reference_answer(r, cfg.answer_marker)
+        text = completions[i]
+        acc, fmt = accuracy_reward(text, ref, cfg.answer_marker), format_reward(text, cfg.answer_marker)
+        correct += acc
+        formatted += fmt
+        answers.append({"id": r.get("id"), "reference": ref, "completion": text, "correct": bool(acc)})
+        full = tok.encode(f"{prompt_text(r.get('prompt') or '')}{r.get('response') or ''}") + [tok.eos_id]
+        full = full[:model.cfg.block_size + 1]
+        p = min(len(prompts[i]), len(full) - 1)
+        if len(full) - p >= 1 and len(full) >= 2:
+            seq = torch.tensor([full])
+            logits, _ = model(seq[:, :-1])
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, seq[:, 1:, None]).squeeze(-1)[0]
+            resp = logp[max(0, p - 1):]
+            nll -= float(resp.sum())
+            count += resp.numel()
+    n = len(rows)
+    return {"accuracy": correct / n, "format": formatted / n,
+            "perplexity": math.exp(nll / count) if count else float("nan"), "rows": n}, answers
+
+
+def run(cfg: EvaluateConfig, stages: dict[str, str | os.PathLike], data: str | os.PathLike,
+        out_dir: str | os.PathLike) -> dict[str, Any]:
+    from components.train.pretrained import load_model
+
+    if not stages:
+        raise DataError("evaluate: give at least one --checkpoint NAME=MODEL_FOLDER")
+    rows = problems(data, cfg)
+    results, completions = {}, []
+    for name, folder in stages.items():
+        model, tok = load_model(folder)
+        results[name], answers = evaluate_model(model, tok, rows, cfg)
+        completions += [{"stage": name, **a} for a in answers]
+        print(f"evaluate: {name}: accuracy {results[name]['accuracy']:.3f}, format {results[name]['format']:.3f}, "
+              f"perplexity {results[name]['perplexity']:.3f} on {len(rows)} problems")
+    metrics = {f"{name}_{k}": v for name, r in results.items() for k, v in r.items() if k != "rows"}
+    metrics["problems"] = len(rows)
+    with atomic_dir(Path(out_dir), inputs=tuple(stages.values())) as tmp:
+        with open(tmp / "completions.jsonl", "w", encoding="utf-8") as f:
+            for c in completions:
+                f.write(json.dumps(c, ensure_ascii=False) + "\n")
+        (tmp / "stages.md").write_text(table(results), encoding="utf-8")
+        plot(results, tmp / "stages.png")
+        finish(tmp, "evaluate", {name: Path(folder) / "model.safetensors" for name, folder in stages.items()},
+               {"evaluate": cfg.__dict__, "stages": {k: str(v) for k, v in stages.items()}}, metrics,
+               {"table": tmp / "stages.md", "completions": tmp / "completions.jsonl"})
+    return metrics
+
+
+def table(results: dict[str, dict]) -> str:
+    lines = ["| stage | accuracy | format | perplexity (responses) | problems |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['accuracy']:.3f} | {r['format']:.3f} | {r['perplexity']:.3f} | {r['rows']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    x = range(len(names))
+    a.bar([i - 0.2 for i in x], [results[n]["accuracy"] for n in names], 0.4, label="accuracy")
+    a.bar([i + 0.2 for i in x], [results[n]["format"] for n in names], 0.4, label="format")
+    a.set_xticks(list(x), names)
+    a.set_ylim(0, 1)
+    a.set_title("held-out problems")
+    a.legend()
+    b.bar(list(x), [results[n]["perplexity"] for n in names], color="tab:gray")
+    b.set_xticks(list(x), names)
+    b.set_title("perplexity of reference responses")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

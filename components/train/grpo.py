@@ -1,0 +1,212 @@
+"""GRPO: Group Relative Policy Optimization (DeepSeekMath arXiv 2402.03300, as used by DeepSeek-R1).
+
+For each prompt q, sample a group of G completions o_1..o_G from the sampling policy pi_old,
+score each with rule-based rewards r_i (components/train/rewards.py), and normalise within the
+group:  A_i = (r_i - mean(r)) / (std(r) + eps),  the advantage of every token of o_i.
+The loss, per completion the mean over its tokens t, then the mean over completions:
+
+    ratio_t = pi(o_t | q, o_<t) / pi_old(o_t | q, o_<t)
+    L_t     = -min(ratio_t A_i, clip(ratio_t, 1 - eps_clip, 1 + eps_clip) A_i) + beta KL_t
+    KL_t    = pi_ref / pi - log(pi_ref / pi) - 1            (the unbiased, non-negative k3 estimator)
+
+pi_ref is a frozen copy of the starting policy, refreshed from the policy every
+`ref_update_every` steps. Each sampled batch serves `updates_per_batch` (mu) optimizer steps: the
+first has ratio 1, later ones see the ratio move and the clip bite.
+
+Rollouts: one prompt's group is one batch of G rows with the same prompt, so no padding is
+needed; the model decodes it with its KV cache. Completions end at the tokenizer's eos (kept
+as the last trained token) or at `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from components.config import ConfigError
+from components.data.load import DataError
+from components.train.batches import _generator
+from components.train.config import ReinforceConfig
+from components.train.rewards import accuracy_reward, format_reward, parse_answer
+
+
+# ---- the math ------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(r - mean) / (std + eps) over the last dimension (one group per row); zero for a group
+    whose rewards are all equal."""
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, keepdim=True, unbiased=False)
+    return (rewards - mean) / (std + eps)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate exp(ref - logp) - (ref - logp) - 1: unbiased, >= 0,
+    exactly 0 where the two agree."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, clip: float, kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss of one group. logp, old_logp, ref_logp, mask: (G, T) over completion tokens
+    (mask 1 on real tokens); advantages (G,). Returns (loss, {kl, clipped fraction})."""
+    ratio = torch.exp(logp - old_logp)
+    a = advantages[:, None]
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
+    kl = kl_k3(logp, ref_logp)
+    per_token = -surrogate + kl_coef * kl
+    m = mask.float()
+    lengths = m.sum(dim=1).clamp_min(1)
+    loss = ((per_token * m).sum(dim=1) / lengths).mean()
+    with torch.no_grad():
+        clipped = (((ratio - 1).abs() > clip).float() * m).sum() / m.sum().clamp_min(1)
+        mean_kl = ((kl * m).sum(dim=1) / lengths).mean()
+    return loss, {"kl": float(mean_kl), "clipped": float(clipped)}
+
+
+def token_logprobs(model, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """log pi(seq[t] | seq[<t]) for the completion tokens t >= prompt_len: (B, T - prompt_len)."""
+    logits, _ = model(seq[:, :-1])
+    logits = logits[:, prompt_len - 1:].float()  # positions predicting the completion tokens
+    return torch.log_softmax(logits, dim=-1).gather(-1, seq[:, prompt_len:, None]).squeeze(-1)
+
+
+def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on each completion's tokens up to and including its first eos, 0 after: (G, T)."""
+    is_eos = (completion == eos_id).int()
+    after = (is_eos.cumsum(dim=1) - is_eos) > 0  # strictly after the first eos
+    return (~after).int()
+
+
+# ---- the objective the engine runs ---------------------------------------------------------
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    reference: str
+    text: str
+
+
+@dataclass
+class Rollout:
+    """One group, sampled: what the updates of this batch need."""
+    seq: torch.Tensor  # (G, P + T)
+    prompt_len: int
+    mask: torch.Tensor  # (G, T)
+    advantages: torch.Tensor  # (G,)
+    old_logp: torch.Tensor  # (G, T)
+    ref_logp: torch.Tensor  # (G, T)
+
+
+def prompt_text(prompt: str) -> str:
+    """How a problem is put to the model: as the base stage saw it, the prompt then a newline."""
+    return f"{prompt}\n"
+
+
+class GRPO:
+    """The reinforcement stage's Objective for components/train/engine.train."""
+
+    def __init__(self, cfg: ReinforceConfig, rows: list[dict], tokenizer, reference: torch.nn.Module,
+                 block_size: int):
+        from components.train.rewards import reference_answer
+
+        self.cfg, self.tok, self.reference = cfg, tokenizer, reference.eval()
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        room = block_size - cfg.max_new_tokens
+        if room < 1:
+            raise ConfigError(f"reinforce.max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt in "
+                             f"the model's block_size ({block_size})")
+        self.prompts = []
+        for r in rows:
+            ref = reference_answer(r, cfg.answer_marker)
+            ids = tokenizer.encode(prompt_text(r.get("prompt") or ""))
+            if ref is not None and parse_answer(ref) is not None and 0 < len(ids) <= room:
+                self.prompts.append(Prompt(ids, ref, r.get("prompt") or ""))
+        if not self.prompts:
+            raise DataError(f"no training row has a verifiable answer and a prompt of at most {room} tokens")
+        self.skipped = len(rows) - len(self.prompts)
+        self.batch: list[Rollout] = []
+        self.batch_stats: dict[str, float] = {}
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in self.prompts:
+            h.update(repr((p.ids, p.reference)).encode())
+        return h.hexdigest()[:16]
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"reference": self.reference}
+
+    def rewards(self, texts: list[str], reference: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, accuracy, format) rewards of a group's completion texts."""
+        acc = torch.tensor([accuracy_reward(t, reference, self.cfg.answer_marker) for t in texts])
+        fmt = torch.tensor([format_reward(t, self.cfg.answer_marker) for t in texts])
+        return self.cfg.accuracy_weight * acc + self.cfg.format_weight * fmt, acc, fmt
+
+    @torch.no_grad()
+    def sample(self, model, step: int, rank: int, world: int) -> None:
+        """Sample this batch's groups (one per micro-batch) with the current policy."""
+        cfg, G = self.cfg, self.cfg.group_size
+        t_gen = t_score = 0.0
+        self.batch, totals, accs, fmts, lengths = [], [], [], [], []
+        model.eval()
+        for micro in range(cfg.prompts_per_step):
+            g = _generator(cfg.seed, step, micro * world + rank)
+            prompt = self.prompts[int(torch.randint(0, len(self.prompts), (1,), generator=g))]
+            idx = torch.tensor([prompt.ids] * G, dtype=torch.long)
+            t0 = time.perf_counter()
+            seq = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                 eos_id=self.tok.eos_id, generator=g)
+            t1 = time.perf_counter()
+            P = len(prompt.ids)
+            completion = seq[:, P:]
+            mask = completion_mask(completion, self.tok.eos_id)
+            texts = [self.tok.decode(c[m.bool()].tolist()) for c, m in zip(completion, mask)]
+            total, acc, fmt = self.rewards(texts, prompt.reference)
+            t2 = time.perf_counter()
+            old_logp = token_logprobs(model, seq, P).float()
+            ref_logp = token_logprobs(self.reference, seq, P).float()
+            self.batch.append(Rollout(seq, P, mask, group_advantages(total), old_logp, ref_logp))
+            totals.append(total)
+            accs.append(acc)
+            fmts.append(fmt)
+            lengths.append(mask.sum(dim=1).float())
+            t_gen += t1 - t0
+            t_score += t2 - t1
+        model.train()
+        self.batch_stats = {"reward": float(torch.cat(totals).mean()), "accuracy": float(torch.cat(accs).mean()),
+                            "format": float(torch.cat(fmts).mean()), "length": float(torch.cat(lengths).mean()),
+                            "time_generate": t_gen, "time_score": t_score}
+
+    def step(self, engine, step: int, rank: int, world: int) -> dict[str, Any]:
+        cfg = self.cfg
+        model = engine.module
+        fresh = step % cfg.updates_per_batch == 0
+        if fresh or not self.batch:
+            self.sample(model, step - step % cfg.updates_per_batch, rank, world)
+        if cfg.ref_update_every and step > 0 and step % cfg.ref_update_every == 0:
+            self.reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        t0 = time.perf_counter()
+        total, kls, clipped, tokens = 0.0, [], [], 0
+        for r in self.batch:
+            logp = token_logprobs(engine, r.seq, r.prompt_len)
+            loss, info = grpo_loss(logp, r.old_logp, r.ref_logp, r.advantages, r.mask, cfg.clip, cfg.kl_coef)
+            engine.backward(loss)
+            engine.step()
+            total += loss.item()
+            kls.append(info["kl"])
+            clipped.append(info["clipped"])
+            tokens += int(r.mask.sum())
+        stats = dict(self.batch_stats) if fresh else {k: v for k, v in self.batch_stats.items()
+                                                       if not k.startswith("time_")}
+        return {"loss": total / len(self.batch), "tokens": tokens, **stats, "kl": sum(kls) / len(kls),
+                "clipped": sum(clipped) / len(clipped), "time_update": time.perf_counter() - t0,
+                "resampled": fresh}

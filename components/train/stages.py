@@ -1,0 +1,163 @@
+"""The stages after base, each starting from the previous stage's model folder:
+
+    distillery train --stage reinforce --init runs/base/model --data data/split --out runs/reinforce
+    distillery train --stage finetune --init runs/reinforce/model --data data/split --out runs/finetune
+
+- reinforce: GRPO on the training prompts with verifiable answers (components/train/grpo.py),
+  optionally deepening the model first (`grow_layers`, function-preserving);
+- finetune: supervised prompt -> response, the loss on the response tokens only, the top
+  `train_top_layers` blocks trained and the rest frozen bit for bit.
+
+Both run on the same DeepSpeed engine as base (components/train/engine.py): checkpoints, exact
+resume (run the same command again), metrics.jsonl, loss.png, model/ with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.artifacts import check_output, finish
+from components.data.load import DataError, load_canonical
+from components.model import Transformer
+from components.train.base import row_text
+from components.train.batches import RowBatches
+from components.train.config import FinetuneConfig, ReinforceConfig
+from components.train.engine import train
+from components.train.pretrained import deepen, freeze_below, load_pretrained
+
+OUTPUTS = ("checkpoints", "metrics.jsonl", "model", "loss.png", "rewards.png", "manifest.json", "metrics.json")
+
+
+def _prepare(out: Path, inputs: tuple, fresh: bool) -> None:
+    if fresh:
+        for name in OUTPUTS:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    if not any((out / name).exists() for name in ("checkpoints", "metrics.jsonl", "manifest.json")):
+        check_output(out, inputs)  # never over foreign files
+
+
+def _rows(data_dir: Path, name: str) -> list[dict]:
+    path = data_dir / name
+    if not path.is_file():
+        raise DataError(f"{path}: missing; give the split step's output folder (train.jsonl, val.jsonl)")
+    return load_canonical(path) if path.stat().st_size else []
+
+
+def _val_batches(rows: list[dict], tok, seq: int, micro_batch: int, seed: int) -> RowBatches | None:
+    """Validation: the response tokens of the val rows (prompts excluded, as in fine-tuning)."""
+    if not rows:
+        return None
+    ids, starts = _encode_pairs(rows, tok)
+    return RowBatches(ids, [1.0] * len(ids), seq, micro_batch, seed + 1, tok.pad_id, loss_from=starts)
+
+
+def _encode_pairs(rows: list[dict], tok) -> tuple[list[list[int]], list[int]]:
+    """Each row as `prompt \\n response <eos>` token ids, and where its response starts."""
+    ids, starts = [], []
+    for r in rows:
+        prompt = tok.encode(f"{r.get('prompt') or ''}\n")
+        full = tok.encode(row_text(r)) + [tok.eos_id]
+        ids.append(full)
+        starts.append(len(prompt) if full[:len(prompt)] == prompt else 0)
+    return ids, starts
+
+
+def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                  out_dir: str | os.PathLike, progress: bool = True, fresh: bool = False) -> dict[str, Any]:
+    from components.train.grpo import GRPO
+
+    out, data_dir = Path(out_dir), Path(data_dir)
+    _prepare(out, (init_dir, data_dir), fresh)
+    model_cfg, state, tok = load_pretrained(init_dir)
+    model_cfg, state = deepen(model_cfg, state, cfg.grow_layers)
+    rows = _rows(data_dir, "train.jsonl")
+    reference = Transformer(model_cfg)
+    reference.load_state_dict(state)
+    objective = GRPO(cfg, rows, tok, reference, model_cfg.block_size)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"reinforce: {len(objective.prompts)} prompts with verifiable answers "
+              f"({objective.skipped} rows skipped: no answer, or too long for block_size - max_new_tokens)")
+    train_cfg = cfg.train_config()
+    val = _val_batches(_rows(data_dir, "val.jsonl"), tok, model_cfg.block_size, 8, cfg.seed)
+    summary = train(model_cfg, train_cfg, objective, val, tok, out, progress=progress, init=state,
+                    stage={"name": "reinforce", **asdict(cfg)})
+    summary.update(_tail_means(out / "metrics.jsonl", ("reward", "accuracy", "format", "kl", "length")))
+    if torch.distributed.get_rank() == 0:
+        plot_rewards(out / "metrics.jsonl", out / "rewards.png")
+        finish(out, "train.reinforce", {"init": Path(init_dir) / "model.safetensors",
+                                        "train": data_dir / "train.jsonl"},
+               {"reinforce": asdict(cfg), "model": asdict(model_cfg)}, summary,
+               {"model": out / "model", "metrics": out / "metrics.jsonl"})
+    return summary
+
+
+def run_finetune(cfg: FinetuneConfig, init_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                 out_dir: str | os.PathLike, progress: bool = True, fresh: bool = False) -> dict[str, Any]:
+    out, data_dir = Path(out_dir), Path(data_dir)
+    _prepare(out, (init_dir, data_dir), fresh)
+    model_cfg, state, tok = load_pretrained(init_dir)
+    if cfg.train_top_layers > model_cfg.n_layer:
+        raise DataError(f"finetune.train_top_layers: {cfg.train_top_layers} is more than the model's "
+                        f"{model_cfg.n_layer} blocks")
+    rows = _rows(data_dir, "train.jsonl")
+    if not rows:
+        raise DataError(f"{data_dir / 'train.jsonl'}: no rows to fine-tune on")
+    ids, starts = _encode_pairs(rows, tok)
+    batches = RowBatches(ids, [float(r.get("weight", 1.0)) for r in rows], model_cfg.block_size, cfg.micro_batch,
+                         cfg.seed, tok.pad_id, loss_from=starts)
+    val = _val_batches(_rows(data_dir, "val.jsonl"), tok, model_cfg.block_size, cfg.micro_batch, cfg.seed)
+    summary = train(model_cfg, cfg.train_config(), batches, val, tok, out, progress=progress, init=state,
+                    freeze=lambda m: freeze_below(m, cfg.train_top_layers), stage={"name": "finetune", **asdict(cfg)})
+    if torch.distributed.get_rank() == 0:
+        finish(out, "train.finetune", {"init": Path(init_dir) / "model.safetensors",
+                                       "train": data_dir / "train.jsonl"},
+               {"finetune": asdict(cfg), "model": asdict(model_cfg)}, summary,
+               {"model": out / "model", "metrics": out / "metrics.jsonl"})
+    return summary
+
+
+def _tail_means(metrics_path: Path, keys: tuple[str, ...], n: int = 10) -> dict[str, float]:
+    import json
+
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
+    out = {}
+    for k in keys:
+        values = [r[k] for r in rows if k in r][-n:]
+        if values:
+            out[f"final_{k}"] = sum(values) / len(values)
+    return out
+
+
+def plot_rewards(metrics_path: Path, png: Path) -> None:
+    """rewards.png: reward, accuracy and format per step; KL and completion length beside them."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
+    steps = [r["step"] for r in rows]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key in ("reward", "accuracy", "format"):
+        a.plot(steps, [r.get(key) for r in rows], label=key, lw=1)
+    a.set_title("rewards (group means)")
+    a.legend()
+    b.plot(steps, [r.get("kl") for r in rows], color="tab:red", lw=1)
+    b.set_title("KL to the reference")
+    c.plot(steps, [r.get("length") for r in rows], color="tab:green", lw=1)
+    c.set_title("completion length (tokens)")
+    for ax in (a, b, c):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,128 @@
+"""GRPO's pieces: group advantages, the k3 KL, the clipped loss and its gradient, completion
+masks, log-probs; fine-tune masking of prompt tokens; function-preserving growth; freezing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from components.model import ModelConfig, Transformer
+from components.train.batches import IGNORE, RowBatches
+from components.train.grpo import completion_mask, group_advantages, grpo_loss, kl_k3, token_logprobs
+from components.train.pretrained import deepen, freeze_below
+
+
+@given(st.lists(st.lists(st.floats(0, 2, allow_nan=False), min_size=2, max_size=8), min_size=1, max_size=4)
+       .filter(lambda g: len({len(x) for x in g}) == 1))
+@settings(max_examples=60, deadline=None)
+def test_advantages_have_zero_mean_per_group(groups):
+    a = group_advantages(torch.tensor(groups, dtype=torch.float64))
+    assert torch.allclose(a.mean(dim=1), torch.zeros(len(groups), dtype=torch.float64), atol=1e-9)
+    for row, adv in zip(groups, a):
+        if max(row) - min(row) > 1e-3:
+            assert abs(float(adv.std(unbiased=False)) - 1) < 0.1  # unit scale once rewards differ
+        else:
+            assert adv.abs().max() < 1e-6 or max(row) != min(row)
+
+
+def test_equal_rewards_give_zero_advantage():
+    assert torch.equal(group_advantages(torch.ones(2, 4)), torch.zeros(2, 4))
+
+
+def test_kl_is_zero_when_policy_equals_reference_and_positive_otherwise():
+    logp = torch.log_softmax(torch.randn(3, 5, 7), -1)
+    assert torch.equal(kl_k3(logp, logp), torch.zeros_like(logp))
+    other = torch.log_softmax(torch.randn(3, 5, 7), -1)
+    assert (kl_k3(logp, other) >= 0).all() and kl_k3(logp, other).sum() > 0
+    # unbiased: the mean of k3 over samples from pi approaches KL(pi || ref)
+    p, r = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    draws = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    estimate = kl_k3(p.log()[draws], r.log()[draws]).mean()
+    assert abs(float(estimate) - float((p * (p / r).log()).sum())) < 0.01
+
+
+def test_the_clip_stops_the_gradient_beyond_the_trust_region():
+    mask = torch.ones(2, 3)
+    old = torch.zeros(2, 3)
+    adv = torch.tensor([1.0, -1.0])
+    # ratio 1.5 with A > 0 and ratio 0.5 with A < 0: both clipped, no gradient from the surrogate
+    logp = torch.tensor([[1.5] * 3, [0.5] * 3]).log().requires_grad_()
+    loss, info = grpo_loss(logp, old, logp.detach(), adv, mask, clip=0.2, kl_coef=0.0)
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros_like(logp)) and info["clipped"] == 1.0
+    # inside the region the gradient pushes logp up for A > 0 and down for A < 0
+    logp = torch.zeros(2, 3, requires_grad=True)
+    loss, info = grpo_loss(logp, old, logp.detach(), adv, mask, clip=0.2, kl_coef=0.0)
+    loss.backward()
+    assert (logp.grad[0] < 0).all() and (logp.grad[1] > 0).all() and info["clipped"] == 0.0
+    assert info["kl"] == 0.0
+
+
+def test_masked_tokens_do_not_count():
+    logp = torch.zeros(1, 4, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 0]])
+    loss, _ = grpo_loss(logp, torch.zeros(1, 4), torch.full((1, 4), -1.0), torch.tensor([1.0]), mask, 0.2, 0.1)
+    loss.backward()
+    assert (logp.grad[0, 2:] == 0).all() and (logp.grad[0, :2] != 0).all()
+
+
+def test_completion_mask_keeps_the_first_eos_and_nothing_after():
+    c = torch.tensor([[5, 6, 0, 0, 0], [5, 6, 7, 8, 9], [0, 0, 0, 0, 0]])
+    assert completion_mask(c, eos_id=0).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def _model(n_layer=2, **over) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=40, n_layer=n_layer, n_head=2, n_embd=16, block_size=24, **over)).eval()
+
+
+def test_token_logprobs_are_those_of_the_completion_tokens():
+    m = _model()
+    seq = torch.randint(0, 40, (2, 10), generator=torch.Generator().manual_seed(1))
+    lp = token_logprobs(m, seq, prompt_len=4)
+    assert lp.shape == (2, 6)
+    full = torch.log_softmax(m(seq)[0].float(), -1)
+    torch.testing.assert_close(lp[:, 0], full[torch.arange(2), 3, seq[:, 4]])
+    assert (lp <= 0).all()
+
+
+def test_finetune_batches_take_no_loss_on_prompt_tokens():
+    rows = [[1, 2, 3, 10, 11, 12], [4, 5, 13, 14]]
+    b = RowBatches(rows, [1.0, 1.0], 16, 2, 0, pad_id=0, loss_from=[3, 2]).get(0)
+    for i, pick in enumerate(RowBatches(rows, [1.0, 1.0], 16, 2, 0, pad_id=0).pick(0)):
+        start = [3, 2][pick]
+        t = b.targets[i].tolist()
+        assert all(x == IGNORE for x in t[:start - 1])
+        assert t[start - 1:len(rows[pick]) - 1] == rows[pick][start:]
+    # changing a prompt token changes no target that takes a loss
+    m = _model()
+    before = m(b.idx, b.targets)[1]
+    idx2 = b.idx.clone()
+    idx2[:, 0] = 39
+    b2 = RowBatches([[39] + r[1:] for r in rows], [1.0, 1.0], 16, 2, 0, pad_id=0, loss_from=[3, 2]).get(0)
+    assert torch.equal(b2.targets, b.targets) and not torch.equal(b2.idx, b.idx)
+    assert before.isfinite()
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+@pytest.mark.parametrize("old, extra", [(2, 1), (2, 2), (3, 4)])
+def test_deepening_preserves_the_function(ffn, old, extra):
+    m = _model(old, ffn=ffn)
+    cfg, state = deepen(m.cfg, m.state_dict(), extra)
+    assert cfg.n_layer == old + extra
+    grown = Transformer(cfg).eval()
+    grown.load_state_dict(state)
+    idx = torch.randint(0, 40, (2, 20), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(grown(idx)[0], m(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_freeze_below_leaves_the_top_blocks_and_final_norm():
+    m = _model(4)
+    freeze_below(m, 2)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("blocks.2.", "blocks.3.", "ln_f.")) for n in trainable)
+    assert not m.wte.weight.requires_grad and not m.lm_head.weight.requires_grad  # tied
+    groups = m.configure_optimizer_groups(0.1)
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in m.parameters() if p.requires_grad}

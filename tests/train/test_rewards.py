@@ -1,0 +1,79 @@
+"""Rule-based rewards: answers in many spellings, missing tags, huge numbers, Unicode digits,
+empty output, several answers; a property test for the answer parser."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from components.train.rewards import (MAX_DIGITS, accuracy_reward, format_reward, parse_answer,
+                                      reference_answer)
+
+GOOD = "Ann starts with 3.\nAnn adds 2: 3 + 2 = <<3+2=5>>5.\n#### 5"
+
+
+@pytest.mark.parametrize("written, value", [
+    ("5", "5"), (" 1,000 ", "1000"), ("1000.0", "1000"), ("-3.50", "-3.5"), ("$12", "12"), ("7.", "7"),
+    ("1e3", "1000"), ("٤٢", "42"), ("４２", "42"), ("४२", "42"), ("+8", "8"), (".5", "0.5"),
+])
+def test_answers_in_many_spellings(written, value):
+    assert parse_answer(written) == Decimal(value)
+
+
+@pytest.mark.parametrize("written", [
+    None, "", "   ", "five", "5 apples", "5 6", "--5", "1e999999999", "9" * (MAX_DIGITS + 1), "nan", "inf",
+    "Infinity", "0x10", "1_000", "²",
+])
+def test_non_answers(written):
+    assert parse_answer(written) is None
+
+
+def test_a_huge_number_is_compared_exactly_not_as_a_float():
+    big = "9" * 40
+    assert accuracy_reward(f"work\n#### {big}", big) == 1.0
+    assert accuracy_reward(f"work\n#### {big[:-1]}8", big) == 0.0  # equal as floats, not as numbers
+
+
+@pytest.mark.parametrize("text, fmt, acc", [
+    (GOOD, 1.0, 1.0),
+    (GOOD.replace("#### 5", "#### 6"), 1.0, 0.0),  # well formed, wrong
+    (GOOD.replace("#### 5", "#### ٥"), 1.0, 1.0),  # Arabic-Indic five
+    ("#### 5", 0.0, 1.0),  # no reasoning before the answer
+    ("Ann adds 2: 3 + 2 = 5. #### 5", 0.0, 1.0),  # the marker not on its own line
+    ("Ann adds 2: 3 + 2 = 5.\nThe answer is 5", 0.0, 0.0),  # missing tag
+    ("Ann adds 2.\n#### 5\n#### 6", 0.0, 0.0),  # several answers: no credit
+    ("Ann adds 2.\n#### 5\n#### 5", 0.0, 0.0),
+    ("Ann adds 2.\n#### 5\nand more text", 0.0, 1.0),  # trailing text: answer right, format wrong
+    ("Ann adds 2.\n#### five", 0.0, 0.0),
+    ("", 0.0, 0.0),
+    (None, 0.0, 0.0),
+])
+def test_format_and_accuracy(text, fmt, acc):
+    assert format_reward(text) == fmt
+    assert accuracy_reward(text, "5") == acc
+
+
+def test_other_marker_and_missing_reference():
+    assert format_reward("work\nANSWER: 5", marker="ANSWER:") == 1.0
+    assert accuracy_reward("work\nANSWER: 5", "5", marker="ANSWER:") == 1.0
+    assert accuracy_reward(GOOD, None) == 0.0
+    assert reference_answer({"answer": 7}) == "7"
+    assert reference_answer({"answer": None, "response": "x\n#### 12"}) == "12"
+    assert reference_answer({"response": "no marker"}) is None
+
+
+@given(st.text(max_size=80))
+def test_parser_never_raises_and_rewards_are_binary(text):
+    value = parse_answer(text)
+    assert value is None or value.is_finite()
+    assert format_reward(text) in (0.0, 1.0) and accuracy_reward(text, "3") in (0.0, 1.0)
+
+
+@given(st.integers(min_value=-10**30, max_value=10**30))
+def test_every_integer_round_trips_with_and_without_thousands_separators(n):
+    assert parse_answer(str(n)) == n
+    assert parse_answer(f"{n:,}") == n
+    assert accuracy_reward(f"reasoning\n#### {n:,}", str(n)) == 1.0

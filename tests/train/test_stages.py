@@ -1,0 +1,127 @@
+"""The stages after base through the CLI, on real DeepSpeed in subprocesses: reinforce (GRPO,
+with growth), exact resume of a GRPO run, finetune with frozen layers, evaluate, generate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from components.data.config import GenerateConfig
+from components.data.generate import generate
+from components.data.load import write_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args, "--preset", "tiny"], env=ENV,
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A split of short problems and a tiny base model trained on it."""
+    root = tmp_path_factory.mktemp("stages")
+    rows, _ = generate(GenerateConfig(rows=160, noise=0.0, max_ops=1))
+    split = root / "split"
+    split.mkdir()
+    write_jsonl(split / "train.jsonl", [{**r, "weight": 1.0} for r in rows[:120]])
+    write_jsonl(split / "val.jsonl", rows[120:140])
+    write_jsonl(split / "test.jsonl", rows[140:])
+    ok(cli("train", "--stage", "base", "--data", str(split), "--out", str(root / "base")))
+    return root
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reinforce_with_growth_then_finetune_then_evaluate_and_generate(trained):
+    root, split = trained, str(trained / "split")
+    ok(cli("train", "--stage", "reinforce", "--init", str(root / "base/model"), "--data", split,
+           "--out", str(root / "rl"), "--set", "reinforce.grow_layers=1"))
+    rows = _metrics(root / "rl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["resampled"] for r in rows] == [True, False, True, False]  # updates_per_batch 2
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["format"] <= 1 and r["kl"] >= 0 and r["length"] > 0
+    assert rows[0]["kl"] == 0.0  # the first update: policy == reference
+    assert (root / "rl/rewards.png").stat().st_size > 0
+    rl_cfg = json.loads((root / "rl/model/model.json").read_text())
+    assert rl_cfg["n_layer"] == json.loads((root / "base/model/model.json").read_text())["n_layer"] + 1
+    manifest = json.loads((root / "rl/manifest.json").read_text())
+    assert manifest["step"] == "train.reinforce" and "final_reward" in manifest["metrics"]
+
+    ok(cli("train", "--stage", "finetune", "--init", str(root / "rl/model"), "--data", split,
+           "--out", str(root / "ft")))
+    before, after = load_file(str(root / "rl/model/model.safetensors")), load_file(str(root / "ft/model/model.safetensors"))
+    top = rl_cfg["n_layer"] - 1  # train_top_layers 1 in the tiny preset
+    trained_names = {k for k in after if k.startswith((f"blocks.{top}.", "ln_f."))}
+    for name in after:
+        if name in trained_names:
+            continue
+        assert torch.equal(before[name], after[name]), f"{name}: frozen, yet changed"
+    assert any(not torch.equal(before[k], after[k]) for k in trained_names)
+
+    out = ok(cli("evaluate", "--checkpoint", f"base={root / 'base/model'}", "--checkpoint", f"reinforce={root / 'rl/model'}",
+                 "--checkpoint", f"finetune={root / 'ft/model'}", "--data", split, "--out", str(root / "eval")))
+    metrics = json.loads((root / "eval/metrics.json").read_text())
+    for stage in ("base", "reinforce", "finetune"):
+        assert 0 <= metrics[f"{stage}_accuracy"] <= 1 and metrics[f"{stage}_perplexity"] > 1
+    assert metrics["problems"] == 20
+    assert "| finetune |" in (root / "eval/stages.md").read_text() and (root / "eval/stages.png").stat().st_size
+    assert len((root / "eval/completions.jsonl").read_text().splitlines()) == 60
+    assert "evaluate: base: accuracy" in out.stdout
+
+    gen = ok(cli("generate", "--checkpoint", str(root / "ft/model"), "--prompt", "Ann has 3 apples.",
+                 "--max-new-tokens", "20", "--samples", "2", "--temperature", "1.0"))
+    first, second = gen.stdout.split("--- sample 2\n")
+    assert first.startswith("--- sample 1\n") and 0 < len(second.rstrip("\n")) <= 20  # bytes: 1 token each
+
+
+def test_a_grpo_run_resumed_from_a_checkpoint_ends_with_the_same_weights(trained):
+    root, split = trained, str(trained / "split")
+    args = ("train", "--stage", "reinforce", "--init", str(root / "base/model"), "--data", split,
+            "--set", "reinforce.ref_update_every=2")
+    ok(cli(*args, "--out", str(root / "straight")))
+    ok(cli(*args, "--out", str(root / "resumed")))
+    # forget the last checkpoint and the steps after the first: the run resumes from step 2
+    shutil.rmtree(root / "resumed/checkpoints/step-00000004")
+    (root / "resumed/checkpoints/latest").write_text("step-00000002\n")
+    ok(cli(*args, "--out", str(root / "resumed")))
+    a, b = load_file(str(root / "straight/model/model.safetensors")), load_file(str(root / "resumed/model/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in r.items() if not k.startswith(("time_", "tokens_per_s"))} for r in _metrics(root / "straight")]
+    again = [{k: v for k, v in r.items() if not k.startswith(("time_", "tokens_per_s"))} for r in _metrics(root / "resumed")]
+    assert strip == again
+
+
+def test_stage_errors_name_what_is_wrong(trained, tmp_path):
+    root, split = trained, str(trained / "split")
+    missing = cli("train", "--stage", "reinforce", "--data", split, "--out", str(tmp_path / "x"))
+    assert missing.returncode == 1 and "--init" in missing.stderr
+    not_model = cli("train", "--stage", "finetune", "--init", split, "--data", split, "--out", str(tmp_path / "y"))
+    assert not_model.returncode == 1 and "not a model folder" in not_model.stderr
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(root / "base/model", corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x80\x04pickle?")
+    bad = cli("generate", "--checkpoint", str(corrupt), "--prompt", "hi")
+    assert bad.returncode == 1 and "model.safetensors" in bad.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    too_long = cli("train", "--stage", "reinforce", "--init", str(root / "base/model"), "--data", split,
+                   "--out", str(tmp_path / "z"), "--set", "reinforce.max_new_tokens=400")
+    assert too_long.returncode == 2 and "block_size" in too_long.stderr
