@@ -39,10 +39,12 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--reinforce-steps", type=int, default=0, help="override reinforce.steps (0: the preset's)")
     parser.add_argument("--keep", help="keep the runs in this folder instead of a temporary one")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a parameter override for every command, e.g. --set train.steps=1500")
     args = parser.parse_args()
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="distillery-stages-"))
     root.mkdir(parents=True, exist_ok=True)
-    p = ("--preset", args.preset)
+    p = ("--preset", args.preset, *(x for kv in args.set for x in ("--set", kv)))
     cli("data", "generate", "--out", str(root / "raw.jsonl"), *p)
     cli("validate", str(root / "raw.jsonl"), "--out", str(root / "validated"), *p)
     cli("filter", str(root / "validated/clean.jsonl"), "--out", str(root / "filtered"), *p)
@@ -71,7 +73,8 @@ def main() -> None:
               flush=True)
 
     problems = next(iter(results.values()))["problems"]
-    print(f"\nHeld-out test problems: {problems}; seeds {args.seeds}; preset {args.preset}\n")
+    print(f"\nHeld-out test problems: {problems}; seeds {args.seeds}; preset {args.preset} "
+          f"{' '.join(args.set)}\n")
     print("stage | accuracy per seed | accuracy mean (spread) | format mean | perplexity mean")
     print("--- | --- | --- | --- | ---")
     for stage in ("base", "reinforce", "finetune"):

@@ -260,8 +260,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
         if log:
             log.close()
     summary = summarize(metrics_path, model, val_loss)
+    state = fp32_state(engine, frozen)  # every rank: gathering ZeRO's fp32 partitions is a collective
     if rank == 0:
-        export(out / "model", fp32_state(engine, frozen), model_cfg, tokenizer, stage)
+        export(out / "model", state, model_cfg, tokenizer, stage)
         plot_losses(metrics_path, out / "loss.png")
     return summary
 

@@ -102,3 +102,18 @@ def test_a_failed_gate_fails_the_run_and_still_publishes_its_report(tmp_path, ca
     (report,) = out.glob("kfp/*/validate/report")
     assert "FAILED" in report.read_text()
     assert not list(out.glob("kfp/*/filter-rows"))  # nothing ran after the gate
+
+
+def test_gsm8k_runs_through_all_three_stages_locally(shared_data, tmp_path):
+    """The real-data path: GSM8K's test set through the whole DAG with the tiny preset (quality is
+    not expected at that size; every stage must run and hand its model on)."""
+    out = tmp_path / "gsm8k"
+    assert main(["run", "--preset", "tiny", "--out", str(out), "--source", str(shared_data / "gsm8k" / "test.jsonl"),
+                 "--set", "source.fields={prompt: question, response: answer}"]) == 0
+    run = out / "latest"
+    rl = json.loads((run / "train-reinforce" / "model" / "manifest.json").read_text())
+    assert rl["metrics"]["steps"] == 4 and 0 <= rl["metrics"]["final_format"] <= 1
+    outputs = json.loads((run / "evaluate-stages" / "executor_output.json").read_text())["artifacts"]
+    (logged,) = outputs["metrics"]["artifacts"]
+    assert logged["metadata"]["problems"] == 20  # the tiny preset's max_rows, GSM8K rows with answers
+    assert {f"{s}_accuracy" for s in ("base", "reinforce", "finetune")} <= set(logged["metadata"])

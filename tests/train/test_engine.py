@@ -65,6 +65,10 @@ def test_outputs_and_learning(tmp_path):
     assert json.loads((model / "model.json").read_text())["n_embd"] == 32
     assert {"model.safetensors", "model.json", "tokenizer", "manifest.json"} <= {p.name for p in model.iterdir()}
     assert len(list((tmp_path / "checkpoints").glob("step-*"))) == 3  # keep_checkpoints
+    # bf16 training exports DeepSpeed's fp32 master weights, not the bf16 compute copy
+    weights = load_file(str(model / "model.safetensors"))
+    w = weights["blocks.0.attn.c_attn.weight"]
+    assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())
 
 
 def test_resuming_under_another_number_of_processes_is_refused(tmp_path):
