@@ -274,11 +274,17 @@ def fp32_state(engine, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     from deepspeed.utils import safe_get_full_fp32_param
 
     state = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    opt = engine.optimizer
+    unfused = {}  # ZeRO stage 0 with bf16/fp16: FP16_UnfusedOptimizer keeps fp32_groups beside fp16_groups
+    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):
+        unfused = {id(lo): hi for los, his in zip(opt.fp16_groups, opt.fp32_groups) for lo, hi in zip(los, his)}
     for name, p in engine.module.named_parameters():
         if name in frozen:
             state[name] = frozen[name].clone()
         elif p.requires_grad:
-            master = safe_get_full_fp32_param(p)
+            master = unfused.get(id(p))
+            if master is None:
+                master = safe_get_full_fp32_param(p)
             if master is not None:
                 state[name] = master.detach().float().reshape(p.shape).clone()
     if "lm_head.weight" in state and engine.module.cfg.tie_embeddings:
