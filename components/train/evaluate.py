@@ -7,7 +7,8 @@ Per stage: exact-match accuracy (greedy completion; the number after the answer 
 the reference answer, components/train/rewards.py), the format rate, and the perplexity of the
 reference responses (exp of the mean cross-entropy over response tokens, prompts excluded).
 Writes metrics.json ({stage}_{measure}), stages.md (a table), stages.png (bars) and
-completions.jsonl (what each stage answered).
+completions.jsonl (what each stage answered). A problem whose prompt does not fit the model's
+block_size with max_new_tokens to spare counts as answered wrong (its completion is empty).
 """
 
 from __future__ import annotations
