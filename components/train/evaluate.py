@@ -7,8 +7,9 @@ Per stage: exact-match accuracy (greedy completion; the number after the answer 
 the reference answer, components/train/rewards.py), the format rate, and the perplexity of the
 reference responses (exp of the mean cross-entropy over response tokens, prompts excluded).
 Writes metrics.json ({stage}_{measure}), stages.md (a table), stages.png (bars) and
-completions.jsonl (what each stage answered). A problem whose prompt does not fit the model's
-block_size with max_new_tokens to spare counts as answered wrong (its completion is empty).
+completions.jsonl (what each stage answered). Completions run to eos, max_new_tokens or the
+model's block_size; a problem whose prompt leaves fewer than 16 tokens of the block counts as
+answered wrong (its completion is empty).
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int
     answers = []
     by_len: dict[int, list[int]] = {}
     prompts = [tok.encode(prompt_text(r.get("prompt") or "")) for r in rows]
-    room = model.cfg.block_size - cfg.max_new_tokens
+    from components.train.grpo import MIN_COMPLETION
+
+    room = model.cfg.block_size - MIN_COMPLETION
     for i, ids in enumerate(prompts):
         by_len.setdefault(len(ids), []).append(i)
     completions: dict[int, str] = {}
@@ -62,7 +65,8 @@ def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int
                     completions[i] = ""
                 continue
             idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long)
-            out = model.generate(idx, cfg.max_new_tokens, temperature=0, eos_id=tok.eos_id)
+            budget = min(cfg.max_new_tokens, model.cfg.block_size - length)
+            out = model.generate(idx, budget, temperature=0, eos_id=tok.eos_id)
             for i, row in zip(chunk, out[:, length:].tolist()):
                 completions[i] = tok.decode(t for t in row if t != tok.eos_id)
     for i, r in enumerate(rows):

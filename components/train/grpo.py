@@ -15,7 +15,8 @@ first has ratio 1, later ones see the ratio move and the clip bite.
 
 Rollouts: one prompt's group is one batch of G rows with the same prompt, so no padding is
 needed; the model decodes it with its KV cache. Completions end at the tokenizer's eos (kept
-as the last trained token) or at `max_new_tokens`.
+as the last trained token), at `max_new_tokens`, or at the model's block_size, whichever
+comes first.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from components.config import ConfigError
 from components.data.load import DataError
 from components.train.batches import _generator
 from components.train.config import ReinforceConfig
@@ -103,6 +103,10 @@ class Rollout:
     ref_logp: torch.Tensor  # (G, T)
 
 
+MIN_COMPLETION = 16
+"""Prompts longer than block_size - MIN_COMPLETION tokens are not used (no room to answer)."""
+
+
 def prompt_text(prompt: str) -> str:
     """How a problem is put to the model: as the base stage saw it, the prompt then a newline."""
     return f"{prompt}\n"
@@ -118,10 +122,8 @@ class GRPO:
         self.cfg, self.tok, self.reference = cfg, tokenizer, reference.eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
-        room = block_size - cfg.max_new_tokens
-        if room < 1:
-            raise ConfigError(f"reinforce.max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt in "
-                             f"the model's block_size ({block_size})")
+        self.block_size = block_size
+        room = block_size - MIN_COMPLETION  # a prompt must leave room for an answer
         self.prompts = []
         for r in rows:
             ref = reference_answer(r, cfg.answer_marker)
@@ -129,7 +131,8 @@ class GRPO:
             if ref is not None and parse_answer(ref) is not None and 0 < len(ids) <= room:
                 self.prompts.append(Prompt(ids, ref, r.get("prompt") or ""))
         if not self.prompts:
-            raise DataError(f"no training row has a verifiable answer and a prompt of at most {room} tokens")
+            raise DataError(f"no training row has a verifiable answer and a prompt of at most {room} tokens "
+                            f"(the model's block_size {block_size} less {MIN_COMPLETION} for the completion)")
         self.skipped = len(rows) - len(self.prompts)
         self.batch: list[Rollout] = []
         self.batch_stats: dict[str, float] = {}
@@ -163,7 +166,8 @@ class GRPO:
             prompt = self.prompts[int(torch.randint(0, len(self.prompts), (1,), generator=g))]
             idx = torch.tensor([prompt.ids] * G, dtype=torch.long)
             t0 = time.perf_counter()
-            seq = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+            budget = min(cfg.max_new_tokens, self.block_size - len(prompt.ids))
+            seq = model.generate(idx, budget, temperature=cfg.temperature, top_k=cfg.top_k or None,
                                  eos_id=self.tok.eos_id, generator=g)
             t1 = time.perf_counter()
             P = len(prompt.ids)

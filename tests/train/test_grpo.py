@@ -126,3 +126,16 @@ def test_freeze_below_leaves_the_top_blocks_and_final_norm():
     assert not m.wte.weight.requires_grad and not m.lm_head.weight.requires_grad  # tied
     groups = m.configure_optimizer_groups(0.1)
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in m.parameters() if p.requires_grad}
+
+
+def test_grpo_refuses_data_without_a_usable_prompt():
+    from components.data.load import DataError
+    from components.model import ByteTokenizer
+    from components.train.config import ReinforceConfig
+    from components.train.grpo import GRPO
+
+    rows = [{"prompt": "x" * 30, "response": "y\n#### 3", "answer": "3"}, {"prompt": "short", "answer": None}]
+    with pytest.raises(DataError, match="prompt of at most 4 tokens"):
+        GRPO(ReinforceConfig(), rows, ByteTokenizer(), _model(), block_size=20)
+    ok = GRPO(ReinforceConfig(), rows, ByteTokenizer(), _model(), block_size=64)
+    assert len(ok.prompts) == 1 and ok.skipped == 1  # the row without an answer
