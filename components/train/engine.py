@@ -207,7 +207,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
 
     `train_batches` is a batch sampler (language modeling) or an Objective (GRPO...). `init`
     and `freeze` go to build_engine; `stage` (JSON) joins the run's fingerprint, so a checkpoint
-    only resumes the same stage settings, and is written into the exported model.json."""
+    only resumes the same stage settings, and is recorded in the exported model/manifest.json."""
     from tqdm import tqdm
 
     objective = train_batches if hasattr(train_batches, "step") else LanguageModeling(train_batches)
