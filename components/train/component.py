@@ -14,11 +14,10 @@ def train_base(splits: Input[Dataset], tokenizer_config: dict, model_config: dic
                model: Output[Model], metrics: Output[Metrics], loss_curve: Output[HTML]):
     """Base-stage pretraining on DeepSpeed from the split's train/val rows; the output folder
     holds the checkpoints, metrics.jsonl, loss.png and model/ (safetensors + tokenizer)."""
-    import base64
     from pathlib import Path
 
     from components.config import from_dict
-    from components.kfp_io import log_metrics
+    from components.kfp_io import html_page, log_metrics
     from components.model import ModelConfig
     from components.train import base
     from components.train.config import TokenizerConfig, TrainConfig
@@ -27,9 +26,7 @@ def train_base(splits: Input[Dataset], tokenizer_config: dict, model_config: dic
                        from_dict(TokenizerConfig, tokenizer_config, "tokenizer"), model.path, data_dir=splits.path,
                        progress=False)
     log_metrics(metrics, summary)
-    png = base64.b64encode((Path(model.path) / "loss.png").read_bytes()).decode("ascii")
-    Path(loss_curve.path).write_text(f'<!doctype html><meta charset="utf-8"><title>base stage loss</title>'
-                                     f'<img alt="loss curve" src="data:image/png;base64,{png}">', encoding="utf-8")
+    html_page(loss_curve.path, "base stage loss", [str(Path(model.path) / "loss.png")])
 
 
 
@@ -38,20 +35,18 @@ def train_reinforce(base_model: Input[Model], splits: Input[Dataset], reinforce_
                     model: Output[Model], metrics: Output[Metrics], rewards_curve: Output[HTML]):
     """GRPO with verifiable rewards from the base stage's model; the output folder holds the
     checkpoints, metrics.jsonl, rewards.png and model/."""
-    import base64
     from pathlib import Path
 
     from components.config import from_dict
-    from components.kfp_io import log_metrics
+    from components.kfp_io import html_page, log_metrics
     from components.train import stages
     from components.train.config import ReinforceConfig
 
     summary = stages.run_reinforce(from_dict(ReinforceConfig, reinforce_config, "reinforce"),
                                    str(Path(base_model.path) / "model"), splits.path, model.path, progress=False)
     log_metrics(metrics, summary)
-    png = base64.b64encode((Path(model.path) / "rewards.png").read_bytes()).decode("ascii")
-    Path(rewards_curve.path).write_text(f'<!doctype html><meta charset="utf-8"><title>GRPO rewards</title>'
-                                        f'<img alt="rewards" src="data:image/png;base64,{png}">', encoding="utf-8")
+    html_page(rewards_curve.path, "GRPO rewards", [str(Path(model.path) / "rewards.png"),
+                                                   str(Path(model.path) / "loss.png")])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -75,11 +70,10 @@ def evaluate_stages(base_model: Input[Model], reinforce_model: Input[Model], fin
                     splits: Input[Dataset], evaluate_config: dict, report: Output[HTML],
                     metrics: Output[Metrics]):
     """Held-out accuracy and perplexity of the three stages' models, a table and a plot."""
-    import base64
     from pathlib import Path
 
     from components.config import from_dict
-    from components.kfp_io import log_metrics
+    from components.kfp_io import html_page, log_metrics
     from components.train import evaluate
     from components.train.config import EvaluateConfig
 
@@ -91,7 +85,4 @@ def evaluate_stages(base_model: Input[Model], reinforce_model: Input[Model], fin
                            (("base", base_model), ("reinforce", reinforce_model), ("finetune", finetune_model))},
                           splits.path, out)
     log_metrics(metrics, result)
-    png = base64.b64encode((out / "stages.png").read_bytes()).decode("ascii")
-    table = (out / "stages.md").read_text(encoding="utf-8")
-    Path(report.path).write_text(f'<!doctype html><meta charset="utf-8"><title>stages</title><pre>{table}</pre>'
-                                 f'<img alt="stages" src="data:image/png;base64,{png}">', encoding="utf-8")
+    html_page(report.path, "stages", [str(out / "stages.png")], pre=(out / "stages.md").read_text(encoding="utf-8"))
