@@ -44,13 +44,15 @@ def problems(data: str | os.PathLike, cfg: EvaluateConfig) -> list[dict]:
 @torch.no_grad()
 def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int = 16) -> tuple[dict, list[dict]]:
     """({accuracy, format, perplexity, rows}, per-row completions) of one model."""
-    from components.train.grpo import prompt_text
+    from components.train.grpo import prompt_text, token_logprobs
+    from components.train.stages import encode_pairs
 
     correct = formatted = 0.0
     nll, count = 0.0, 0
     answers = []
     by_len: dict[int, list[int]] = {}
     prompts = [tok.encode(prompt_text(r.get("prompt") or "")) for r in rows]
+    pairs, starts = encode_pairs(rows, tok)
     from components.train.grpo import MIN_COMPLETION
 
     room = model.cfg.block_size - MIN_COMPLETION
@@ -76,14 +78,9 @@ def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int
         correct += acc
         formatted += fmt
         answers.append({"id": r.get("id"), "reference": ref, "completion": text, "correct": bool(acc)})
-        full = tok.encode(f"{prompt_text(r.get('prompt') or '')}{r.get('response') or ''}") + [tok.eos_id]
-        full = full[:model.cfg.block_size + 1]
-        p = min(len(prompts[i]), len(full) - 1)
-        if len(full) - p >= 1 and len(full) >= 2:
-            seq = torch.tensor([full])
-            logits, _ = model(seq[:, :-1])
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, seq[:, 1:, None]).squeeze(-1)[0]
-            resp = logp[max(0, p - 1):]
+        full = pairs[i][:model.cfg.block_size + 1]
+        if len(full) >= 2:  # the reference response's tokens, scored as the fine-tune loss scores them
+            resp = token_logprobs(model, torch.tensor([full]), min(max(1, starts[i]), len(full) - 1))[0]
             nll -= float(resp.sum())
             count += resp.numel()
     n = len(rows)

@@ -88,7 +88,6 @@ def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
 class Prompt:
     ids: list[int]
     reference: str
-    text: str
 
 
 @dataclass
@@ -128,7 +127,7 @@ class GRPO:
             ref = reference_answer(r, cfg.answer_marker)
             ids = tokenizer.encode(prompt_text(r.get("prompt") or ""))
             if ref is not None and parse_answer(ref) is not None and 0 < len(ids) <= room:
-                self.prompts.append(Prompt(ids, ref, r.get("prompt") or ""))
+                self.prompts.append(Prompt(ids, ref))
         if not self.prompts:
             raise DataError(f"no training row has a verifiable answer and a prompt of at most {room} tokens "
                             f"(the model's block_size {block_size} less {MIN_COMPLETION} for the completion)")

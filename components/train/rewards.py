@@ -55,7 +55,7 @@ def parse_answer(text: str | None) -> Decimal | None:
 def split_completion(text: str, marker: str = "####") -> tuple[str, list[str]]:
     """(reasoning before the first marker, the text after each marker)."""
     parts = text.split(marker)
-    return parts[0], [p for p in parts[1:]]
+    return parts[0], parts[1:]
 
 
 def format_reward(text: str | None, marker: str = "####") -> float:

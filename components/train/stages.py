@@ -54,11 +54,11 @@ def _val_batches(rows: list[dict], tok, seq: int, micro_batch: int, seed: int) -
     """Validation: the response tokens of the val rows (prompts excluded, as in fine-tuning)."""
     if not rows:
         return None
-    ids, starts = _encode_pairs(rows, tok)
+    ids, starts = encode_pairs(rows, tok)
     return RowBatches(ids, [1.0] * len(ids), seq, micro_batch, seed + 1, tok.pad_id, loss_from=starts)
 
 
-def _encode_pairs(rows: list[dict], tok) -> tuple[list[list[int]], list[int]]:
+def encode_pairs(rows: list[dict], tok) -> tuple[list[list[int]], list[int]]:
     """Each row as `prompt \\n response <eos>` token ids, and where its response starts."""
     ids, starts = [], []
     for r in rows:
@@ -109,7 +109,7 @@ def run_finetune(cfg: FinetuneConfig, init_dir: str | os.PathLike, data_dir: str
     rows = _rows(data_dir, "train.jsonl")
     if not rows:
         raise DataError(f"{data_dir / 'train.jsonl'}: no rows to fine-tune on")
-    ids, starts = _encode_pairs(rows, tok)
+    ids, starts = encode_pairs(rows, tok)
     batches = RowBatches(ids, [float(r.get("weight", 1.0)) for r in rows], model_cfg.block_size, cfg.micro_batch,
                          cfg.seed, tok.pad_id, loss_from=starts)
     val = _val_batches(_rows(data_dir, "val.jsonl"), tok, model_cfg.block_size, cfg.micro_batch, cfg.seed)
