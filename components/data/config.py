@@ -56,6 +56,9 @@ class GenerateConfig:
     """The same seed, rows and noise give the same file, byte for byte."""
     max_ops: int = 3
     """Problems use 1 to max_ops arithmetic operations (the difficulty spread)."""
+    max_number: int = 60
+    """The largest starting count (added amounts go up to 5/6 of it). Smaller numbers mean fewer
+    distinct arithmetic facts, which a small model learns from fewer rows."""
     noise_kinds: dict[str, float] = field(
         default_factory=lambda: {
             "wrong_answer": 0.35,
@@ -76,6 +79,7 @@ class GenerateConfig:
         require(self.rows > 0, "rows: must be positive")
         require(0.0 <= self.noise <= 0.9, f"noise: {self.noise} is outside [0, 0.9]")
         require(1 <= self.max_ops <= 6, "max_ops: must be within 1..6")
+        require(3 <= self.max_number <= 10_000, "max_number: must be within 3..10000")
         unknown = set(self.noise_kinds) - set(NOISE_KINDS)
         require(not unknown, f"noise_kinds: unknown kinds {sorted(unknown)}; known: {', '.join(NOISE_KINDS)}")
         require(all(w >= 0 for w in self.noise_kinds.values()), "noise_kinds: weights must be >= 0")

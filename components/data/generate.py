@@ -71,18 +71,21 @@ class Problem:
     steps: list[tuple[int, str, int, int]]  # (left, op, right, result)
 
 
-def make_problem(rng: random.Random, max_ops: int) -> Problem:
+def make_problem(rng: random.Random, max_ops: int, max_number: int = 60) -> Problem:
+    """A problem of 1..max_ops steps from a count of 2..max_number; an added amount is at most
+    5/6 of max_number (a taken amount, a factor 2..5 or a divisor 2..9 depend on the count)."""
     name, item, friend = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(FRIENDS)
-    start = rng.randint(2, 60)
+    start = rng.randint(2, max_number)
+    add_max, fallback_add = max(1, max_number * 5 // 6), max(1, max_number // 3)
     cur, sentences, steps = start, [], []
     for _ in range(rng.randint(1, max_ops)):
         op = rng.choice("+-*/" if cur < 500 else "-/")
         if op == "+":
-            n = rng.randint(1, 50)
+            n = rng.randint(1, add_max)
             new = cur + n
         elif op == "-":
             if cur < 2:
-                op, n, new = "+", rng.randint(1, 20), None
+                op, n = "+", rng.randint(1, fallback_add)
                 new = cur + n
             else:
                 n = rng.randint(1, cur - 1)
@@ -93,7 +96,7 @@ def make_problem(rng: random.Random, max_ops: int) -> Problem:
         else:
             divisors = [d for d in range(2, 10) if cur % d == 0]
             if not divisors:
-                op, n = "+", rng.randint(1, 20)
+                op, n = "+", rng.randint(1, fallback_add)
                 new = cur + n
             else:
                 n = rng.choice(divisors)
@@ -264,11 +267,11 @@ def generate(cfg: GenerateConfig) -> tuple[list[dict], list[dict]]:
 
     clean, seen = [], set()
     while len(clean) < n_clean:
-        p = make_problem(rng, cfg.max_ops)
+        p = make_problem(rng, cfg.max_ops, cfg.max_number)
         if p.prompt not in seen:  # clean rows are distinct problems
             seen.add(p.prompt)
             clean.append(p)
-    spare = [make_problem(rng, cfg.max_ops) for _ in range(max(1, n_noise))]  # sources for noise
+    spare = [make_problem(rng, cfg.max_ops, cfg.max_number) for _ in range(max(1, n_noise))]  # sources for noise
 
     entries: list[tuple[dict, dict]] = [
         ({"prompt": p.prompt, "response": p.response, "answer": p.answer},
@@ -298,7 +301,7 @@ def generate(cfg: GenerateConfig) -> tuple[list[dict], list[dict]]:
             elif kind in HELD_OUT_KINDS:
                 made = _held_out(rng, source, kind)
                 while made is None:
-                    made = _held_out(rng, make_problem(rng, cfg.max_ops), kind)
+                    made = _held_out(rng, make_problem(rng, cfg.max_ops, cfg.max_number), kind)
                 row, detail = made
             else:
                 row, detail = {"empty": _empty, "garbage": _garbage, "broken_field": _broken_field}[kind](rng, base)

@@ -107,13 +107,17 @@ class BPETokenizer(Tokenizer):
         self.eos_id, self.pad_id = eos, pad
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> BPETokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+              split_digits: bool = False) -> BPETokenizer:
         """Learn merges from `texts` until `vocab_size` (256 bytes + 2 specials at least) or no pair
-        is seen `min_frequency` times; a small corpus can give a smaller vocabulary."""
+        is seen `min_frequency` times; a small corpus can give a smaller vocabulary. With
+        `split_digits`, each digit 0-9 is pre-split into its own piece, so no merge spans digits."""
         if vocab_size < 258:
             raise ValueError(f"vocab_size {vocab_size} is below 258 (256 bytes and 2 special tokens)")
         tok = HFTokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if split_digits else byte_level)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,

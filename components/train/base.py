@@ -42,7 +42,8 @@ def make_tokenizer(cfg: TokenizerConfig, texts: list[str], folder: Path, resumin
     ids cannot change under the checkpoint; otherwise trained now and saved there (by rank 0)."""
     if resuming and (folder / "tokenizer_meta.json").is_file():
         return load_tokenizer(folder)
-    tok = ByteTokenizer() if cfg.kind == "byte" else BPETokenizer.train(texts, vocab_size=cfg.vocab_size)
+    tok = ByteTokenizer() if cfg.kind == "byte" else BPETokenizer.train(texts, vocab_size=cfg.vocab_size,
+                                                                             split_digits=cfg.split_digits)
     if int(os.environ.get("RANK", "0")) == 0:
         tok.save(folder)
     return tok

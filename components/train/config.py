@@ -89,6 +89,9 @@ class TokenizerConfig:
     offline on the training rows with the `tokenizers` library)."""
     vocab_size: int = 512
     """BPE: the vocabulary size to train (ignored for byte)."""
+    split_digits: bool = True
+    """BPE: every digit is its own token, never merged (as the LLaMA and DeepSeek tokenizers do),
+    so numbers are spelled the same way wherever they appear and arithmetic is learnable."""
 
     def check(self) -> None:
         require(self.kind in ("byte", "bpe"), f"kind: {self.kind!r} is not byte or bpe")

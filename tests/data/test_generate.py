@@ -170,6 +170,23 @@ def test_clean_rows_are_verifiably_correct(sample):
         assert int(r["answer"]) == solve(r["prompt"]) > 0
 
 
+@pytest.mark.parametrize("max_number", [3, 7, 20, 60, 500])
+def test_max_number_bounds_the_starting_count_and_the_added_amounts(max_number):
+    rows, truth = generate(GenerateConfig(rows=300, noise=0.0, seed=3, max_number=max_number))
+    starts, added = [], []
+    for r in rows:
+        marks = MARK.findall(r["response"])
+        starts.append(int(marks[0][0]))
+        added += [int(m[2]) for m in marks if m[1] == "+"]
+        for left, op, right, result, _ in marks:
+            assert apply(int(left), op, int(right)) == int(result)
+        assert int(r["answer"]) == solve(r["prompt"])
+    assert 2 <= min(starts) and max(starts) <= max_number
+    assert added and max(added) <= max(1, max_number * 5 // 6, max_number // 3)
+    if max_number >= 20:  # the whole range is used
+        assert max(starts) > 0.8 * max_number
+
+
 def test_clean_prompts_are_distinct(sample):
     _, rows, truth = sample
     prompts = [r["prompt"] for r, t in zip(rows, truth) if not t["noise"]]

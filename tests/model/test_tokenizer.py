@@ -36,6 +36,18 @@ def generated_bpe() -> BPETokenizer:
     return BPETokenizer.train(generated_corpus(), vocab_size=400)  # the corpus runs out of pairs near 330
 
 
+def digit_corpus() -> list[str]:
+    """Sentences full of numbers, so BPE without digit splitting merges digit pairs."""
+    rng = random.Random(1)
+    return [f"{w} {rng.randint(0, 999)} + {rng.randint(0, 99)} = {rng.randint(0, 9999)}." for w in
+            generated_corpus(400)]
+
+
+@functools.cache
+def digit_bpe() -> BPETokenizer:
+    return BPETokenizer.train(digit_corpus(), vocab_size=400, split_digits=True)
+
+
 def test_byte_tokenizer_ids_and_specials():
     tok = ByteTokenizer()
     assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (258, 256, 257)
@@ -60,6 +72,32 @@ def test_bpe_round_trip_of_any_unicode(text):
     ids = tok.encode(text)
     assert all(0 <= i < tok.vocab_size for i in ids) and tok.eos_id not in ids
     assert tok.decode(ids) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text())
+def test_digit_split_bpe_round_trips_any_unicode(text):
+    tok = digit_bpe()
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 10**12), min_size=1, max_size=4), st.sampled_from(["", " ", "=", "x"]))
+def test_digit_split_bpe_spells_numbers_one_digit_per_token(numbers, sep):
+    tok = digit_bpe()
+    text = sep.join(str(n) for n in numbers) + " apples"
+    pieces = [tok.decode([i]) for i in tok.encode(text)]
+    assert "".join(pieces) == text
+    for piece in pieces:  # a digit is always a token of its own
+        assert not any(c.isdigit() for c in piece) or len(piece) == 1, pieces
+
+
+def test_bpe_without_digit_splitting_merges_digits():
+    """The contrast that gives the split its point: the same corpus, unsplit, learns digit pairs."""
+    def multi_digit(tok):
+        return [t for t in map(tok.decode, ([i] for i in range(tok.vocab_size))) if sum(map(str.isdigit, t)) > 1]
+    assert multi_digit(BPETokenizer.train(digit_corpus(), vocab_size=400))
+    assert not multi_digit(digit_bpe())
 
 
 def test_bpe_trains_on_a_generated_corpus_and_compresses_it():
@@ -88,7 +126,7 @@ def test_bpe_on_tiny_shakespeare(shared_data, tmp_path):
     assert loaded.encode(text) == ids
 
 
-@pytest.mark.parametrize("make", [ByteTokenizer, generated_bpe], ids=["byte", "bpe"])
+@pytest.mark.parametrize("make", [ByteTokenizer, generated_bpe, digit_bpe], ids=["byte", "bpe", "bpe-digits"])
 def test_save_load_is_json_only_and_equal(make, tmp_path):
     tok = make()
     folder = tok.save(tmp_path / "tok")
@@ -99,7 +137,7 @@ def test_save_load_is_json_only_and_equal(make, tmp_path):
     loaded = load_tokenizer(folder)
     assert type(loaded) is type(tok)
     assert (loaded.vocab_size, loaded.eos_id, loaded.pad_id) == (tok.vocab_size, tok.eos_id, tok.pad_id)
-    for s in SAMPLES:
+    for s in [*SAMPLES, "12 + 345 = 357"]:
         assert loaded.encode(s) == tok.encode(s)
     again = loaded.save(tmp_path / "again")
     assert (again / VOCAB_FILE).read_bytes() == (folder / VOCAB_FILE).read_bytes()
