@@ -105,7 +105,8 @@ class ReinforceConfig:
     steps: int = 60
     """Optimizer steps (each on `prompts_per_step` groups)."""
     prompts_per_step: int = 4
-    """Prompts per step per process; each is one micro-batch of its group."""
+    """Prompts per step per process, of one token length (decoded as one batch); each group is
+    one micro-batch of the update."""
     group_size: int = 8
     """G: completions sampled per prompt; advantages are normalised within each group."""
     updates_per_batch: int = 2
@@ -121,6 +122,9 @@ class ReinforceConfig:
     """epsilon of the clipped ratio: min(r A, clip(r, 1-eps, 1+eps) A)."""
     kl_coef: float = 0.04
     """beta: weight of the KL penalty to the reference model (unbiased k3 estimator) in the loss."""
+    loss_norm: str = "sequence"
+    """sequence: each completion's loss is the mean over its tokens (GRPO as published); token:
+    the mean over all tokens of the group (DAPO), see components/train/grpo.py."""
     ref_update_every: int = 0
     """Copy the policy into the reference model every this many steps (0: keep the starting model)."""
     accuracy_weight: float = 1.0
@@ -160,6 +164,7 @@ class ReinforceConfig:
         require(self.top_k >= 0 and self.ref_update_every >= 0, "top_k and ref_update_every must be >= 0")
         require(0 < self.clip < 1, "clip: must be within (0, 1)")
         require(self.kl_coef >= 0, "kl_coef: must not be negative")
+        require(self.loss_norm in ("sequence", "token"), f"loss_norm: {self.loss_norm!r} is not sequence or token")
         require(self.accuracy_weight >= 0 and self.format_weight >= 0 and self.accuracy_weight + self.format_weight > 0,
                 "accuracy_weight and format_weight: not negative, not both 0")
         require(bool(self.answer_marker.strip()), "answer_marker: must not be blank")

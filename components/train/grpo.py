@@ -13,10 +13,12 @@ pi_ref is a frozen copy of the starting policy, refreshed from the policy every
 `ref_update_every` steps. Each sampled batch serves `updates_per_batch` (mu) optimizer steps: the
 first has ratio 1, later ones see the ratio move and the clip bite.
 
-Rollouts: one prompt's group is one batch of G rows with the same prompt, so no padding is
-needed; the model decodes it with its KV cache. Completions end at the tokenizer's eos (kept
-as the last trained token), at `max_new_tokens`, or at the model's block_size, whichever
-comes first.
+Rollouts: a step's prompts are drawn from one length bucket (the first uniformly over all
+prompts, the rest uniformly among prompts of its token length), so every prompt is equally
+likely and all prompts x G rows decode as one batch with the KV cache, with no padding. Batching
+the step's groups is what makes sampling affordable: decoding a small model is bound by
+per-token overhead, not arithmetic. Completions end at the tokenizer's eos (kept as the last
+trained token), at `max_new_tokens`, or at the model's block_size, whichever comes first.
 """
 
 from __future__ import annotations
@@ -51,9 +53,14 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
-              mask: torch.Tensor, clip: float, kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+              mask: torch.Tensor, clip: float, kl_coef: float, norm: str = "sequence"
+              ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss of one group. logp, old_logp, ref_logp, mask: (G, T) over completion tokens
-    (mask 1 on real tokens); advantages (G,). Returns (loss, {kl, clipped fraction})."""
+    (mask 1 on real tokens); advantages (G,). `norm` "sequence": each completion's mean over its
+    tokens, then the mean over completions (GRPO as published); "token": the mean over all the
+    group's tokens (DAPO, arXiv 2503.14476), so a token that several completions share in the same
+    context gets advantages that sum to zero instead of being weighted by 1 / length.
+    Returns (loss, {kl, clipped fraction})."""
     ratio = torch.exp(logp - old_logp)
     a = advantages[:, None]
     surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
@@ -61,7 +68,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     per_token = -surrogate + kl_coef * kl
     m = mask.float()
     lengths = m.sum(dim=1).clamp_min(1)
-    loss = ((per_token * m).sum(dim=1) / lengths).mean()
+    if norm == "token":
+        loss = (per_token * m).sum() / m.sum().clamp_min(1)
+    else:
+        loss = ((per_token * m).sum(dim=1) / lengths).mean()
     with torch.no_grad():
         clipped = (((ratio - 1).abs() > clip).float() * m).sum() / m.sum().clamp_min(1)
         mean_kl = ((kl * m).sum(dim=1) / lengths).mean()
@@ -97,8 +107,8 @@ class Rollout:
     prompt_len: int
     mask: torch.Tensor  # (G, T)
     advantages: torch.Tensor  # (G,)
-    old_logp: torch.Tensor  # (G, T)
-    ref_logp: torch.Tensor  # (G, T)
+    old_logp: torch.Tensor | None  # (G, T), log-probs under the sampling policy
+    ref_logp: torch.Tensor | None  # (G, T), and under the reference
 
 
 MIN_COMPLETION = 16
@@ -132,6 +142,9 @@ class GRPO:
             raise DataError(f"no training row has a verifiable answer and a prompt of at most {room} tokens "
                             f"(the model's block_size {block_size} less {MIN_COMPLETION} for the completion)")
         self.skipped = len(rows) - len(self.prompts)
+        self.by_length: dict[int, list[Prompt]] = {}
+        for p in self.prompts:
+            self.by_length.setdefault(len(p.ids), []).append(p)
         self.batch: list[Rollout] = []
         self.batch_stats: dict[str, float] = {}
 
@@ -152,41 +165,54 @@ class GRPO:
         fmt = torch.tensor([format_reward(t, self.cfg.answer_marker) for t in texts])
         return self.cfg.accuracy_weight * acc + self.cfg.format_weight * fmt, acc, fmt
 
+    def draw(self, step: int, rank: int) -> list[Prompt]:
+        """This step's prompts on this rank: the first uniformly over all prompts, the rest
+        uniformly among those of the same token length (so each prompt's chance is equal)."""
+        g = _generator(self.cfg.seed, step, rank)
+        first = self.prompts[int(torch.randint(0, len(self.prompts), (1,), generator=g))]
+        bucket = self.by_length[len(first.ids)]
+        rest = torch.randint(0, len(bucket), (self.cfg.prompts_per_step - 1,), generator=g).tolist()
+        return [first, *(bucket[i] for i in rest)]
+
     @torch.no_grad()
     def sample(self, model, step: int, rank: int, world: int) -> None:
-        """Sample this batch's groups (one per micro-batch) with the current policy."""
+        """Sample this batch's groups (one per micro-batch) with the current policy, all prompts
+        of the step in one batched decode."""
         cfg, G = self.cfg, self.cfg.group_size
-        t_gen = t_score = 0.0
-        self.batch, totals, accs, fmts, lengths = [], [], [], [], []
+        g = _generator(cfg.seed, step, 1_000_000 + rank)
+        prompts = self.draw(step, rank)
+        P = len(prompts[0].ids)
         model.eval()
-        for micro in range(cfg.prompts_per_step):
-            g = _generator(cfg.seed, step, micro * world + rank)
-            prompt = self.prompts[int(torch.randint(0, len(self.prompts), (1,), generator=g))]
-            idx = torch.tensor([prompt.ids] * G, dtype=torch.long)
-            t0 = time.perf_counter()
-            budget = min(cfg.max_new_tokens, self.block_size - len(prompt.ids))
-            seq = model.generate(idx, budget, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                                 eos_id=self.tok.eos_id, generator=g)
-            t1 = time.perf_counter()
-            P = len(prompt.ids)
-            completion = seq[:, P:]
-            mask = completion_mask(completion, self.tok.eos_id)
-            texts = [self.tok.decode(c[m.bool()].tolist()) for c, m in zip(completion, mask)]
+        t0 = time.perf_counter()
+        idx = torch.tensor([p.ids for p in prompts for _ in range(G)], dtype=torch.long)
+        budget = min(cfg.max_new_tokens, self.block_size - P)
+        seq = model.generate(idx, budget, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                             eos_id=self.tok.eos_id, generator=g)
+        t1 = time.perf_counter()
+        mask = completion_mask(seq[:, P:], self.tok.eos_id)
+        self.batch, totals, accs, fmts = [], [], [], []
+        for i, prompt in enumerate(prompts):
+            rows = slice(i * G, (i + 1) * G)
+            T = int(mask[rows].sum(dim=1).max())  # this group's longest completion
+            s, m = seq[rows, :P + T], mask[rows, :T]
+            texts = [self.tok.decode(c[k.bool()].tolist()) for c, k in zip(s[:, P:], m)]
             total, acc, fmt = self.rewards(texts, prompt.reference)
-            t2 = time.perf_counter()
-            old_logp = token_logprobs(model, seq, P).float()
-            ref_logp = token_logprobs(self.reference, seq, P).float()
-            self.batch.append(Rollout(seq, P, mask, group_advantages(total), old_logp, ref_logp))
+            self.batch.append(Rollout(s, P, m, group_advantages(total), None, None))
             totals.append(total)
             accs.append(acc)
             fmts.append(fmt)
-            lengths.append(mask.sum(dim=1).float())
-            t_gen += t1 - t0
-            t_score += t2 - t1
+        t2 = time.perf_counter()
+        for r in self.batch:
+            r.old_logp = token_logprobs(model, r.seq, P).float()
+            r.ref_logp = token_logprobs(self.reference, r.seq, P).float()
         model.train()
-        self.batch_stats = {"reward": float(torch.cat(totals).mean()), "accuracy": float(torch.cat(accs).mean()),
-                            "format": float(torch.cat(fmts).mean()), "length": float(torch.cat(lengths).mean()),
-                            "time_generate": t_gen, "time_score": t_score}
+        means = torch.stack([torch.cat(totals).mean(), torch.cat(accs).mean(), torch.cat(fmts).mean(),
+                             mask.sum(dim=1).float().mean()]).float()
+        if world > 1:  # every rank samples its own prompts: log the mean over all of them
+            torch.distributed.all_reduce(means)
+            means /= world
+        self.batch_stats = {**dict(zip(("reward", "accuracy", "format", "length"), means.tolist())),
+                            "time_generate": t1 - t0, "time_score": t2 - t1}
 
     def step(self, engine, step: int, rank: int, world: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -200,7 +226,8 @@ class GRPO:
         total, kls, clipped, tokens = 0.0, [], [], 0
         for r in self.batch:
             logp = token_logprobs(engine, r.seq, r.prompt_len)
-            loss, info = grpo_loss(logp, r.old_logp, r.ref_logp, r.advantages, r.mask, cfg.clip, cfg.kl_coef)
+            loss, info = grpo_loss(logp, r.old_logp, r.ref_logp, r.advantages, r.mask, cfg.clip, cfg.kl_coef,
+                                   cfg.loss_norm)
             engine.backward(loss)
             engine.step()
             total += loss.item()

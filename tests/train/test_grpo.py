@@ -68,6 +68,22 @@ def test_masked_tokens_do_not_count():
     assert (logp.grad[0, 2:] == 0).all() and (logp.grad[0, :2] != 0).all()
 
 
+@pytest.mark.parametrize("norm", ["sequence", "token"])
+def test_token_normalisation_cancels_a_shared_token_and_sequence_normalisation_does_not(norm):
+    """Two completions of lengths 3 and 1 open with the same token (one parameter, theta) and
+    have advantages +1 and -1: the token is neither better nor worse, so its gradient should be 0."""
+    theta = torch.zeros((), requires_grad=True)
+    rest = torch.zeros(2, 2)
+    logp = torch.cat([theta.expand(2, 1), rest], dim=1)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    loss, _ = grpo_loss(logp, torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([1.0, -1.0]), mask, 0.2, 0.0, norm)
+    loss.backward()
+    if norm == "token":
+        assert theta.grad == 0
+    else:  # -(1/3 - 1/1) / 2: the short, worse completion pushes the shared token down
+        torch.testing.assert_close(theta.grad, torch.tensor(1 / 3))
+
+
 def test_completion_mask_keeps_the_first_eos_and_nothing_after():
     c = torch.tensor([[5, 6, 0, 0, 0], [5, 6, 7, 8, 9], [0, 0, 0, 0, 0]])
     assert completion_mask(c, eos_id=0).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
@@ -135,3 +151,56 @@ def test_grpo_refuses_data_without_a_usable_prompt():
         GRPO(ReinforceConfig(), rows, ByteTokenizer(), _model(), block_size=20)
     ok = GRPO(ReinforceConfig(), rows, ByteTokenizer(), _model(), block_size=64)
     assert len(ok.prompts) == 1 and ok.skipped == 1  # the row without an answer
+
+
+def _grpo(rows, prompts_per_step=4, group_size=3):
+    from components.model import ByteTokenizer
+    from components.train.config import ReinforceConfig
+    from components.train.grpo import GRPO
+
+    cfg = ReinforceConfig(prompts_per_step=prompts_per_step, group_size=group_size, max_new_tokens=6)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=16, block_size=64))
+    return GRPO(cfg, rows, ByteTokenizer(), model, block_size=64)
+
+
+def test_a_steps_prompts_share_a_length_and_every_prompt_is_equally_likely():
+    # 12 prompts in 3 length buckets of 2, 4 and 6 prompts
+    rows = [{"prompt": "p" * n + str(i), "answer": "1"} for n, count in ((5, 2), (9, 4), (14, 6)) for i in range(count)]
+    grpo = _grpo(rows)
+    counts: dict[str, int] = {}
+    for step in range(3000):
+        drawn = grpo.draw(step, rank=0)
+        assert len(drawn) == 4 and len({len(p.ids) for p in drawn}) == 1
+        for p in drawn:
+            counts[bytes(p.ids)] = counts.get(bytes(p.ids), 0) + 1
+    assert len(counts) == 12
+    expected = 3000 * 4 / 12
+    assert all(abs(c - expected) < 0.1 * expected for c in counts.values()), counts  # about 9 sd wide
+    assert grpo.draw(7, rank=0) == grpo.draw(7, rank=0) != grpo.draw(7, rank=1)
+
+
+def test_a_sampled_batch_holds_one_group_per_prompt_cut_to_its_own_length():
+    rows = [{"prompt": f"q{i}xx", "answer": "1"} for i in range(5)]
+    grpo = _grpo(rows, prompts_per_step=3, group_size=4)
+    grpo.sample(grpo.reference, step=0, rank=0, world=1)
+    assert len(grpo.batch) == 3
+    for r in grpo.batch:
+        assert r.seq.shape[0] == 4 and r.mask.shape == r.old_logp.shape == r.ref_logp.shape
+        assert r.seq.shape[1] == r.prompt_len + r.mask.shape[1] and bool(r.mask.sum(dim=1).max() == r.mask.shape[1])
+        torch.testing.assert_close(r.old_logp, r.ref_logp)  # the policy is the reference here
+        assert abs(float(r.advantages.mean())) < 1e-6
+    assert 0 <= grpo.batch_stats["accuracy"] <= 1 and grpo.batch_stats["time_generate"] > 0
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"group_size": 1}, "group_size"), ({"steps": 3}, "multiples of updates_per_batch"),
+    ({"clip": 1.5}, "clip"), ({"kl_coef": -0.1}, "kl_coef"), ({"temperature": 0}, "temperature"),
+    ({"loss_norm": "batch"}, "loss_norm"), ({"accuracy_weight": 0, "format_weight": 0}, "accuracy_weight"),
+])
+def test_reinforce_config_names_a_bad_field(bad, field):
+    from components.config import ConfigError
+    from components.train.config import ReinforceConfig
+
+    with pytest.raises(ConfigError, match=field):
+        ReinforceConfig(**bad).check()

@@ -122,3 +122,21 @@ def test_stage_errors_name_what_is_wrong(trained, tmp_path):
     bad = cli("generate", "--checkpoint", str(corrupt), "--prompt", "hi")
     assert bad.returncode == 1 and "model.safetensors" in bad.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_grpo_runs_on_two_processes_and_logs_their_mean(trained):
+    """Each rank samples its own prompts; the step's reward statistics are all-reduced over gloo."""
+    root, split = trained, str(trained / "split")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--module", "pipelines.cli",
+           "train", "--stage", "reinforce", "--init", str(root / "base/model"), "--data", split,
+           "--out", str(root / "rl2"), "--preset", "tiny", "--set", "reinforce.steps=2"]
+    ok(subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=REPO))
+    rows = _metrics(root / "rl2")
+    assert [r["step"] for r in rows] == [1, 2]
+    # the mean over 2 ranks x 2 prompts x 4 completions: a multiple of 1/16
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["format"] <= 1
+        assert abs(r["format"] * 16 - round(r["format"] * 16)) < 1e-6
+    from components.train.checkpoint import read_state
+    latest = (root / "rl2/checkpoints/latest").read_text().strip()
+    assert read_state(root / "rl2/checkpoints" / latest)["world_size"] == 2
