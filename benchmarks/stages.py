@@ -1,14 +1,14 @@
 """The staged chain, measured: does the reinforcement stage beat the base checkpoint, by more
 than seed-to-seed spread? And where does a GRPO step spend its time?
 
-    .venv/bin/python benchmarks/stages.py                 # 3 seeds, the small preset (about 25 min on 2 cores)
+    .venv/bin/python benchmarks/stages.py                 # 3 seeds, the small preset (about 20 min on 2 cores)
     .venv/bin/python benchmarks/stages.py --seeds 0 1 --reinforce-steps 40   # shorter
 
 For each seed: the small preset's data steps once (shared), then base -> reinforce -> finetune
 with that seed for training and sampling, then `evaluate` on the held-out test problems.
-Prints per seed and as mean +- spread (max - min) over seeds: held-out accuracy, format rate,
-perplexity of reference responses, and the GRPO step time split into generation, scoring and
-update.
+Prints per seed and as mean +- spread (max - min) over seeds: held-out accuracy (greedy),
+pass@1 (sampled, as DeepSeek-R1 reports it), format rate, perplexity of reference responses,
+and the GRPO step time split into generation, scoring and update.
 """
 
 from __future__ import annotations
@@ -75,21 +75,29 @@ def main() -> None:
     problems = next(iter(results.values()))["problems"]
     print(f"\nHeld-out test problems: {problems}; seeds {args.seeds}; preset {args.preset} "
           f"{' '.join(args.set)}\n")
-    print("stage | accuracy per seed | accuracy mean (spread) | format mean | perplexity mean")
-    print("--- | --- | --- | --- | ---")
+    has_pass1 = all("base_pass1" in r for r in results.values())
+    print("stage | accuracy (greedy) per seed | mean (spread) | pass@1 (sampled) per seed | mean (spread) "
+          "| format mean | perplexity mean")
+    print("--- | --- | --- | --- | --- | --- | ---")
     for stage in ("base", "reinforce", "finetune"):
-        acc = [results[s][f"{stage}_accuracy"] for s in args.seeds]
+        cells = []
+        for measure in ("accuracy", "pass1"):
+            if measure == "pass1" and not has_pass1:
+                cells += ["-", "-"]
+                continue
+            v = [results[s][f"{stage}_{measure}"] for s in args.seeds]
+            cells += [", ".join(f"{a:.3f}" for a in v), f"{statistics.mean(v):.3f} ({max(v) - min(v):.3f})"]
         fmt = [results[s][f"{stage}_format"] for s in args.seeds]
         ppl = [results[s][f"{stage}_perplexity"] for s in args.seeds]
-        print(f"{stage} | {', '.join(f'{a:.3f}' for a in acc)} | {statistics.mean(acc):.3f} "
-              f"({max(acc) - min(acc):.3f}) | {statistics.mean(fmt):.3f} | {statistics.mean(ppl):.3f}")
-    gains = [results[s]["reinforce_accuracy"] - results[s]["base_accuracy"] for s in args.seeds]
-    spread = max(max(results[s][f"{st}_accuracy"] for s in args.seeds) - min(results[s][f"{st}_accuracy"]
-                                                                            for s in args.seeds)
-                 for st in ("base", "reinforce"))
-    print(f"\nreinforce - base accuracy per seed: {', '.join(f'{g:+.3f}' for g in gains)}; "
-          f"mean {statistics.mean(gains):+.3f}; largest seed-to-seed spread of either stage {spread:.3f}; "
-          f"{'gain exceeds the spread' if min(gains) > spread else 'gain does NOT exceed the spread'}")
+        print(f"{stage} | {' | '.join(cells)} | {statistics.mean(fmt):.3f} | {statistics.mean(ppl):.3f}")
+    print()
+    for measure in ("accuracy", "pass1") if has_pass1 else ("accuracy",):
+        gains = [results[s][f"reinforce_{measure}"] - results[s][f"base_{measure}"] for s in args.seeds]
+        spread = max(max(results[s][f"{st}_{measure}"] for s in args.seeds)
+                     - min(results[s][f"{st}_{measure}"] for s in args.seeds) for st in ("base", "reinforce"))
+        print(f"reinforce - base {measure} per seed: {', '.join(f'{g:+.3f}' for g in gains)}; "
+              f"mean {statistics.mean(gains):+.3f}; largest seed-to-seed spread of either stage {spread:.3f}; "
+              f"{'gain exceeds the spread' if min(gains) > spread else 'gain does NOT exceed the spread'}")
 
     print("\nGRPO step time (seconds, mean per step; generation and scoring once per sampled batch)\n")
     print("seed | generate | score | update (per optimizer step) | share of generation")

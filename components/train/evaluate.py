@@ -4,8 +4,10 @@
         --checkpoint finetune=runs/finetune/model --data data/split --out runs/evaluate
 
 Per stage: exact-match accuracy (greedy completion; the number after the answer marker equals
-the reference answer, components/train/rewards.py), the format rate, and the perplexity of the
-reference responses (exp of the mean cross-entropy over response tokens, prompts excluded).
+the reference answer, components/train/rewards.py), pass@1 as DeepSeek-R1 reports it (the mean
+accuracy of `samples` completions per problem sampled at `temperature`), the format rate, and the
+perplexity of the reference responses (exp of the mean cross-entropy over response tokens,
+prompts excluded).
 Writes metrics.json ({stage}_{measure}), stages.md (a table), stages.png (bars) and
 completions.jsonl (what each stage answered). Completions run to eos, max_new_tokens or the
 model's block_size; a problem whose prompt leaves fewer than 16 tokens of the block counts as
@@ -59,33 +61,47 @@ def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int
     for i, ids in enumerate(prompts):
         by_len.setdefault(len(ids), []).append(i)
     completions: dict[int, str] = {}
+    sampled: dict[int, list[str]] = {i: [] for i in range(len(rows))}
+    g = torch.Generator().manual_seed(cfg.seed)
+    k = cfg.samples
     for length, members in by_len.items():  # same-length prompts decode together: no padding
         for start in range(0, len(members), batch):
             chunk = members[start:start + batch]
             if length == 0 or length > room:
                 for i in chunk:
                     completions[i] = ""
+                    sampled[i] = [""] * k
                 continue
-            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long)
             budget = min(cfg.max_new_tokens, model.cfg.block_size - length)
+            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long)
             out = model.generate(idx, budget, temperature=0, eos_id=tok.eos_id)
             for i, row in zip(chunk, out[:, length:].tolist()):
                 completions[i] = tok.decode(t for t in row if t != tok.eos_id)
+            if k:
+                idx = torch.tensor([prompts[i] for i in chunk for _ in range(k)], dtype=torch.long)
+                out = model.generate(idx, budget, temperature=cfg.temperature, eos_id=tok.eos_id, generator=g)
+                for j, row in enumerate(out[:, length:].tolist()):
+                    sampled[chunk[j // k]].append(tok.decode(t for t in row if t != tok.eos_id))
+    pass1 = 0.0
     for i, r in enumerate(rows):
         ref = reference_answer(r, cfg.answer_marker)
+        if k:
+            pass1 += sum(accuracy_reward(t, ref, cfg.answer_marker) for t in sampled[i]) / k
         text = completions[i]
         acc, fmt = accuracy_reward(text, ref, cfg.answer_marker), format_reward(text, cfg.answer_marker)
         correct += acc
         formatted += fmt
-        answers.append({"id": r.get("id"), "reference": ref, "completion": text, "correct": bool(acc)})
+        answers.append({"id": r.get("id"), "reference": ref, "completion": text, "correct": bool(acc),
+                        **({"samples": sampled[i]} if k else {})})
         full = pairs[i][:model.cfg.block_size + 1]
         if len(full) >= 2:  # the reference response's tokens, scored as the fine-tune loss scores them
             resp = token_logprobs(model, torch.tensor([full]), min(max(1, starts[i]), len(full) - 1))[0]
             nll -= float(resp.sum())
             count += resp.numel()
     n = len(rows)
-    return {"accuracy": correct / n, "format": formatted / n,
-            "perplexity": math.exp(nll / count) if count else float("nan"), "rows": n}, answers
+    result = {"accuracy": correct / n, **({"pass1": pass1 / n} if k else {}), "format": formatted / n,
+              "perplexity": math.exp(nll / count) if count else float("nan"), "rows": n}
+    return result, answers
 
 
 def run(cfg: EvaluateConfig, stages: dict[str, str | os.PathLike], data: str | os.PathLike,
@@ -100,7 +116,8 @@ def run(cfg: EvaluateConfig, stages: dict[str, str | os.PathLike], data: str | o
         model, tok = load_model(folder)
         results[name], answers = evaluate_model(model, tok, rows, cfg)
         completions += [{"stage": name, **a} for a in answers]
-        print(f"evaluate: {name}: accuracy {results[name]['accuracy']:.3f}, format {results[name]['format']:.3f}, "
+        pass1 = f", pass@1 {results[name]['pass1']:.3f}" if "pass1" in results[name] else ""
+        print(f"evaluate: {name}: accuracy {results[name]['accuracy']:.3f}{pass1}, format {results[name]['format']:.3f}, "
               f"perplexity {results[name]['perplexity']:.3f} on {len(rows)} problems")
     metrics = {f"{name}_{k}": v for name, r in results.items() for k, v in r.items() if k != "rows"}
     metrics["problems"] = len(rows)
@@ -117,9 +134,11 @@ def run(cfg: EvaluateConfig, stages: dict[str, str | os.PathLike], data: str | o
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| stage | accuracy | format | perplexity (responses) | problems |", "|---|---|---|---|---|"]
+    lines = ["| stage | accuracy (greedy) | pass@1 (sampled) | format | perplexity (responses) | problems |",
+             "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['accuracy']:.3f} | {r['format']:.3f} | {r['perplexity']:.3f} | {r['rows']} |")
+        pass1 = f"{r['pass1']:.3f}" if "pass1" in r else "-"
+        lines.append(f"| {name} | {r['accuracy']:.3f} | {pass1} | {r['format']:.3f} | {r['perplexity']:.3f} | {r['rows']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -132,8 +151,11 @@ def plot(results: dict[str, dict], png: Path) -> None:
     names = list(results)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
     x = range(len(names))
-    a.bar([i - 0.2 for i in x], [results[n]["accuracy"] for n in names], 0.4, label="accuracy")
-    a.bar([i + 0.2 for i in x], [results[n]["format"] for n in names], 0.4, label="format")
+    bars = ["accuracy", *(["pass1"] if all("pass1" in results[n] for n in names) else []), "format"]
+    w = 0.8 / len(bars)
+    for j, key in enumerate(bars):
+        a.bar([i + (j - (len(bars) - 1) / 2) * w for i in x], [results[n][key] for n in names], w,
+              label={"accuracy": "accuracy (greedy)", "pass1": "pass@1 (sampled)"}.get(key, key))
     a.set_xticks(list(x), names)
     a.set_ylim(0, 1)
     a.set_title("held-out problems")

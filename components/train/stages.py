@@ -71,7 +71,7 @@ def encode_pairs(rows: list[dict], tok) -> tuple[list[list[int]], list[int]]:
 
 def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: str | os.PathLike,
                   out_dir: str | os.PathLike, progress: bool = True, fresh: bool = False) -> dict[str, Any]:
-    from components.train.grpo import GRPO
+    from components.train.grpo import GRPO, MIN_COMPLETION
 
     out, data_dir = Path(out_dir), Path(data_dir)
     _prepare(out, (init_dir, data_dir), fresh)
@@ -82,8 +82,8 @@ def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: s
     reference.load_state_dict(state)
     objective = GRPO(cfg, rows, tok, reference, model_cfg.block_size)
     if os.environ.get("RANK", "0") == "0":
-        print(f"reinforce: {len(objective.prompts)} prompts with verifiable answers "
-              f"({objective.skipped} rows skipped: no answer, or too long for block_size - max_new_tokens)")
+        print(f"reinforce: {len(objective.prompts)} prompts with verifiable answers ({objective.skipped} rows "
+              f"skipped: no answer, or a prompt leaving under {MIN_COMPLETION} tokens of block_size)")
     train_cfg = cfg.train_config()
     val = _val_batches(_rows(data_dir, "val.jsonl"), tok, model_cfg.block_size, 8, cfg.seed)
     summary = train(model_cfg, train_cfg, objective, val, tok, out, progress=progress, init=state,

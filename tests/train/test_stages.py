@@ -82,6 +82,7 @@ def test_reinforce_with_growth_then_finetune_then_evaluate_and_generate(trained)
     metrics = json.loads((root / "eval/metrics.json").read_text())
     for stage in ("base", "reinforce", "finetune"):
         assert 0 <= metrics[f"{stage}_accuracy"] <= 1 and metrics[f"{stage}_perplexity"] > 1
+        assert 0 <= metrics[f"{stage}_pass1"] <= 1
     assert metrics["problems"] == 20
     assert "| finetune |" in (root / "eval/stages.md").read_text() and (root / "eval/stages.png").stat().st_size
     assert len((root / "eval/completions.jsonl").read_text().splitlines()) == 60
@@ -140,3 +141,20 @@ def test_grpo_runs_on_two_processes_and_logs_their_mean(trained):
     from components.train.checkpoint import read_state
     latest = (root / "rl2/checkpoints/latest").read_text().strip()
     assert read_state(root / "rl2/checkpoints" / latest)["world_size"] == 2
+
+
+def test_pass_at_1_samples_each_problem_k_times_and_near_zero_temperature_is_greedy(trained):
+    from components.train.config import EvaluateConfig
+    from components.train.evaluate import evaluate_model, problems
+    from components.train.pretrained import load_model
+
+    model, tok = load_model(trained / "base/model")
+    rows = problems(trained / "split", EvaluateConfig(max_rows=12))
+    cold, answers = evaluate_model(model, tok, rows, EvaluateConfig(samples=3, temperature=1e-6), batch=5)
+    assert all(a["samples"] == [a["completion"]] * 3 for a in answers)  # each row's own samples, in order
+    assert cold["pass1"] == cold["accuracy"]
+    warm, answers = evaluate_model(model, tok, rows, EvaluateConfig(samples=3, temperature=1.0), batch=5)
+    assert all(len(a["samples"]) == 3 for a in answers) and 0 <= warm["pass1"] <= 1
+    assert any(len(set(a["samples"])) > 1 for a in answers)
+    none, answers = evaluate_model(model, tok, rows, EvaluateConfig(samples=0), batch=5)
+    assert "pass1" not in none and "samples" not in answers[0] and none["accuracy"] == cold["accuracy"]
