@@ -142,12 +142,16 @@ def test_grpo_runs_on_two_processes_and_logs_their_mean(trained):
 
     cfg = load_params(None, "tiny", {"reinforce": {"steps": 2}})[0].reinforce
     model, tok = load_model(root / "base/model")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1)
     per_rank = []
-    for rank in (0, 1):
-        grpo = GRPO(cfg, load_canonical(Path(split) / "train.jsonl"), tok, model, model.cfg.block_size)
-        grpo.sample(model, 0, rank, world=1)
-        per_rank.append(grpo.batch_stats)
+    try:
+        for rank in (0, 1):
+            grpo = GRPO(cfg, load_canonical(Path(split) / "train.jsonl"), tok, model, model.cfg.block_size)
+            grpo.sample(model, 0, rank, world=1)
+            per_rank.append(grpo.batch_stats)
+    finally:
+        torch.set_num_threads(threads)
     for key in ("reward", "accuracy", "format", "length"):
         assert rows[0][key] == pytest.approx((per_rank[0][key] + per_rank[1][key]) / 2), key
     assert any(per_rank[0][k] != per_rank[1][k] for k in ("reward", "length"))  # so rank 0 alone would differ
