@@ -111,7 +111,7 @@ class BPETokenizer(Tokenizer):
               split_digits: bool = False) -> BPETokenizer:
         """Learn merges from `texts` until `vocab_size` (256 bytes + 2 specials at least) or no pair
         is seen `min_frequency` times; a small corpus can give a smaller vocabulary. With
-        `split_digits`, each digit 0-9 is pre-split into its own piece, so no merge spans digits."""
+        `split_digits`, each digit is pre-split into its own piece, so no merge spans digits."""
         if vocab_size < 258:
             raise ValueError(f"vocab_size {vocab_size} is below 258 (256 bytes and 2 special tokens)")
         tok = HFTokenizer(models.BPE())
