@@ -254,6 +254,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    cache_layer: type = LayerCache
+    """What `new_cache` fills, per block; an INT8 KV cache (components/compress/quantize.py) swaps in
+    its own class with the same `append` on the instance, from outside the model code."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.check()
@@ -358,8 +362,8 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `capacity` (block_size) tokens."""
         capacity = capacity or self.cfg.block_size
-        p = self.wte.weight
-        return KVCache([LayerCache(batch, self.cfg.n_head, capacity, self.cfg.head_dim, p.dtype, p.device)
+        p = self.ln_f.weight  # the compute dtype and device (norms stay float when weights are INT8)
+        return KVCache([self.cache_layer(batch, self.cfg.n_head, capacity, self.cfg.head_dim, p.dtype, p.device)
                         for _ in self.blocks])
 
     @torch.no_grad()

@@ -32,6 +32,9 @@ def load_pretrained(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, t
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    if (folder / "quantization.json").exists():
+        raise ModelFolderError(f"{folder}: an INT8-quantized model folder; stages train from a float model "
+                               f"folder (quantize the result instead)")
     for name in ("model.json", "model.safetensors", "tokenizer"):
         if not (folder / name).exists():
             raise ModelFolderError(f"{folder}: not a model folder (no {name}); give a stage's model/ output, "
@@ -62,7 +65,12 @@ def load_pretrained(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, t
 
 
 def load_model(folder: str | os.PathLike) -> tuple[Transformer, object]:
-    """(model in eval mode, tokenizer) of a model folder."""
+    """(model in eval mode, tokenizer) of a model folder; an INT8 folder (quantization.json, written
+    by compress.quantize) comes back with its quantized modules swapped in."""
+    if (Path(folder) / "quantization.json").exists():
+        from components.compress.quantize import load_quantized
+
+        return load_quantized(folder)
     cfg, state, tok = load_pretrained(folder)
     model = Transformer(cfg)
     model.load_state_dict(state)
