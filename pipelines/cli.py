@@ -10,6 +10,8 @@
     distillery train --stage finetune --init data/reinforce/model --data data/split --out data/finetune
     distillery evaluate --checkpoint base=data/base/model --checkpoint reinforce=data/reinforce/model \
         --data data/split --out data/evaluate
+    distillery distill --teacher data/finetune/model --data data/split --out data/distill
+    distillery quantize --checkpoint data/distill/model --data data/split --out data/quantize
     distillery generate --checkpoint data/finetune/model --prompt "Ann has 3 apples. ..."
     distillery compile --out pipeline.yaml                  # IR YAML for the Kubeflow UI
     distillery params --preset tiny                         # the resolved parameters
@@ -151,6 +153,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _report("evaluate", summary, Path(args.out))
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    from components.compress import distill
+
+    summary = distill.run(_params(args).distill, args.teacher, args.data, args.out, fresh=args.fresh)
+    _report("distill", summary, Path(args.out))
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from components.compress import quantize
+
+    summary = quantize.run(_params(args).quantize, args.checkpoint, args.data, args.out)
+    _report("quantize", summary, Path(args.out))
+
+
 def cmd_compile(args: argparse.Namespace) -> None:
     from pipelines.pipeline import compile_pipeline
 
@@ -233,6 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="a split folder (test.jsonl) or a .jsonl file of problems")
     ev.add_argument("--out", required=True, help="output folder: metrics.json, stages.md, stages.png")
     ev.set_defaults(func=cmd_evaluate)
+
+    dis = sub.add_parser("distill", parents=[common], help="distill a teacher model into a smaller student")
+    dis.add_argument("--teacher", required=True, help="the teacher's model folder, e.g. runs/finetune/model")
+    dis.add_argument("--data", required=True, help="a split folder (train.jsonl, val.jsonl, test.jsonl)")
+    dis.add_argument("--out", required=True, help="the student's folder: checkpoints, metrics, model")
+    dis.add_argument("--fresh", action="store_true", help="start afresh: remove the folder's earlier checkpoints")
+    dis.set_defaults(func=cmd_distill)
+    qua = sub.add_parser("quantize", parents=[common], help="INT8 weights and KV cache: a quantized model folder")
+    qua.add_argument("--checkpoint", required=True, help="a float model folder, e.g. runs/distill/model")
+    qua.add_argument("--data", help="a split folder: accuracy before/after on test.jsonl (and QAT data)")
+    qua.add_argument("--out", required=True, help="output folder: model/ (INT8), metrics.json")
+    qua.set_defaults(func=cmd_quantize)
 
     comp = sub.add_parser("compile", parents=[common], help="write the pipeline's IR YAML")
     comp.add_argument("--out", default="pipeline.yaml")

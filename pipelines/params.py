@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from components.compress.config import DistillConfig, QuantizeConfig
 from components.config import ConfigError, from_dict, merge, to_dict
 from components.data.config import FilterConfig, GenerateConfig, SourceConfig, SplitConfig, ValidateConfig
 from components.model import ModelConfig
@@ -48,6 +49,10 @@ class PipelineParams:
     """The supervised fine-tune stage (top layers)."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """Held-out evaluation of every stage."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Teacher -> smaller student (logit distillation)."""
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    """INT8 weights and KV cache."""
 
     def as_dict(self) -> dict[str, Any]:
         return to_dict(self)
