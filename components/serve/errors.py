@@ -1,0 +1,9 @@
+"""What the serving steps raise: one base class, so the CLI turns any of them into one line and exit 1."""
+
+
+class ServeError(RuntimeError):
+    """A serving step that cannot go on: the server, a check, an export."""
+
+
+class ExportError(ServeError, ValueError):
+    """A model repository or version that export refuses to write."""
