@@ -1,0 +1,188 @@
+"""Model folders the registry accepts: JSON, safetensors and text, never a pickle.
+
+    files = inspect_folder("runs/finetune/model", RegistryConfig())   # raises ArtifactRefused
+    copy_model(src, staging, files)                                    # then inspected again
+    digest, hashes = model_digest(staging)
+
+A model folder holds model.json, model.safetensors and tokenizer/ (and maybe
+quantization.json, metrics.json, check.json). Loading a pickle runs code, so a pickle payload
+is refused however it is named: each file's first bytes are read (pickle protocol 2+ starts
+with 0x80 and the protocol number; torch.save writes a zip whose members include data.pkl),
+file types outside `allowed_suffixes` are refused, every .json must parse, and every
+.safetensors must open with the safetensors library (its header covers the file exactly).
+Symlinks that leave the folder, symlinks to folders, dangling links and device files,
+fifos and sockets are refused. Nothing here writes outside the destination it is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+from components.registry.config import RegistryConfig
+from components.registry.errors import ArtifactRefused
+
+REQUIRED_FILES = ("model.json", "model.safetensors")
+REQUIRED_DIRS = ("tokenizer",)
+EVIDENCE = ("metrics.json", "check.json", "registration.json")
+"""Files the registry writes itself beside the model; not part of the model's digest."""
+PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib", ".dill", ".npy", ".npz"})
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def sniff(path: Path, rel: str) -> None:
+    """Refuse `path` if its bytes are a pickle or a zip (torch.save's format), whatever its name."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        raise ArtifactRefused(f"{rel}: is a pickle payload (protocol {head[1]} pickle bytes); "
+                              "only safetensors and JSON are accepted")
+    if head[:4] in ZIP_MAGIC:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                pickled = [n for n in zf.namelist() if n.endswith((".pkl", ".pickle")) or "/data.pkl" in n]
+        except zipfile.BadZipFile:
+            pickled = []
+        if pickled:
+            raise ArtifactRefused(f"{rel}: is a pickle payload (a torch.save zip archive holding {pickled[0]}); "
+                                  "save the weights with safetensors instead")
+        raise ArtifactRefused(f"{rel}: is a zip archive; a model folder holds no archives")
+
+
+def _check_content(path: Path, rel: str) -> None:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ArtifactRefused(f"{rel}: is not valid JSON: {err}") from None
+    elif suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                f.keys()
+        except Exception as err:  # SafetensorError and friends: the header does not describe the file
+            raise ArtifactRefused(f"{rel}: is not a valid safetensors file: {err}") from None
+    elif suffix in (".txt", ".md"):
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ArtifactRefused(f"{rel}: is not UTF-8 text: {err}") from None
+
+
+def _entries(root: Path) -> list[tuple[str, Path, os.stat_result]]:
+    """(relative posix path, path, lstat) of everything under `root`, sorted; no link is followed."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if any(ord(c) < 32 for c in rel) or "\\" in rel:
+                raise ArtifactRefused(f"{rel!r}: file names may not hold control characters or backslashes")
+            out.append((rel, path, os.lstat(path)))
+    return out
+
+
+def inspect_folder(folder: str | os.PathLike, cfg: RegistryConfig) -> list[str]:
+    """Check a model folder without writing anything; returns its files (relative, sorted).
+
+    Raises ArtifactRefused naming the first offending file.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ArtifactRefused(f"{root}: is not a model folder (model.json, model.safetensors, tokenizer/)")
+    real_root = os.path.realpath(root)
+    allowed = {s.lower() for s in cfg.allowed_suffixes}
+    files, total = [], 0
+    for rel, path, st in _entries(root):
+        target = path
+        if stat.S_ISLNK(st.st_mode):
+            real = os.path.realpath(path)
+            if os.path.commonpath([real_root, real]) != real_root:
+                raise ArtifactRefused(f"{rel}: is a symlink leaving the model folder (to {os.readlink(path)})")
+            if not os.path.exists(real):
+                raise ArtifactRefused(f"{rel}: is a dangling symlink")
+            if os.path.isdir(real):
+                raise ArtifactRefused(f"{rel}: is a symlink to a folder; only files may be linked")
+            target, st = Path(real), os.stat(real)
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactRefused(f"{rel}: is not a regular file (a device, fifo or socket)")
+        suffix = Path(rel).suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise ArtifactRefused(f"{rel}: {suffix} is a pickle-based format; only safetensors and JSON are accepted")
+        sniff(target, rel)
+        if suffix not in allowed:
+            raise ArtifactRefused(f"{rel}: file type {suffix or '(none)'!r} is not accepted "
+                                  f"(allowed: {', '.join(sorted(allowed))})")
+        _check_content(target, rel)
+        total += st.st_size
+        if total > cfg.max_artifact_bytes:
+            raise ArtifactRefused(f"{root}: holds more than max_artifact_bytes={cfg.max_artifact_bytes} bytes")
+        files.append(rel)
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise ArtifactRefused(f"{root / name}: missing; a model folder holds {', '.join(REQUIRED_FILES)} and tokenizer/")
+    for name in REQUIRED_DIRS:
+        if not any(f.startswith(name + "/") for f in files):
+            raise ArtifactRefused(f"{root / name}: missing or empty; the tokenizer is saved with the model")
+    if not isinstance(json.loads((root / "model.json").read_text(encoding="utf-8")), dict):
+        raise ArtifactRefused(f"{root / 'model.json'}: expected a JSON object of the model's configuration")
+    return files
+
+
+def copy_model(src: str | os.PathLike, dst: str | os.PathLike, files: list[str]) -> list[str]:
+    """Copy the model files (not the evidence files) of an inspected folder into `dst`.
+
+    A file that has become a symlink since it was inspected is not followed (O_NOFOLLOW); a
+    symlink that was inspected is resolved again and must still stay inside `src`. Returns the
+    copied files. The caller inspects the copy again: what is registered is what was checked.
+    """
+    src, dst = Path(src), Path(dst)
+    real_root = os.path.realpath(src)
+    copied = []
+    for rel in files:
+        if rel in EVIDENCE:
+            continue
+        path = src / rel
+        if path.is_symlink():
+            real = os.path.realpath(path)
+            if os.path.commonpath([real_root, real]) != real_root:
+                raise ArtifactRefused(f"{rel}: changed into a symlink leaving the model folder while being copied")
+            path = Path(real)
+        out = dst / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as err:
+            raise ArtifactRefused(f"{rel}: cannot be read safely: {err}") from None
+        with os.fdopen(fd, "rb") as fin, open(out, "xb") as fout:
+            while block := fin.read(1 << 20):
+                fout.write(block)
+        os.chmod(out, 0o644)
+        copied.append(rel)
+    return copied
+
+
+def model_digest(folder: str | os.PathLike) -> tuple[str, dict[str, str]]:
+    """sha256 of the model (every file but the evidence files, names and contents) and of each file."""
+    folder = Path(folder)
+    hashes = {}
+    for rel, path, st in _entries(folder):
+        if stat.S_ISREG(st.st_mode) and rel not in EVIDENCE:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            hashes[rel] = h.hexdigest()
+    total = hashlib.sha256()
+    for rel in sorted(hashes):
+        total.update(f"{rel}\0{hashes[rel]}\n".encode())
+    return total.hexdigest(), hashes
