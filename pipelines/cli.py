@@ -13,6 +13,11 @@
     distillery distill --teacher data/finetune/model --data data/split --out data/distill
     distillery quantize --checkpoint data/distill/model --data data/split --out data/quantize
     distillery generate --checkpoint data/finetune/model --prompt "Ann has 3 apples. ..."
+    distillery export --checkpoint data/quantize/model --repository data/triton   # Triton model repository
+    distillery check --repository data/triton --out data/serve     # a real tritonserver: check + load test
+    distillery release --model data/quantize/model --check data/serve/check.json --out data/release
+    distillery promote v0.0.2 --to production                       # the registry (GTO tags); rollback too
+    distillery serve --repository runs/triton --stage production    # serving follows the stage
     distillery compile --out pipeline.yaml                  # IR YAML for the Kubeflow UI
     distillery params --preset tiny                         # the resolved parameters
 
@@ -167,6 +172,108 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     _report("quantize", summary, Path(args.out))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from components.serve import export
+
+    cfg = _params(args).serve.export
+    if args.name:
+        cfg.name = args.name
+    _report("export", export.run(cfg, args.checkpoint, args.repository, args.version), Path(args.repository))
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from components.serve.check import run_step
+
+    result = run_step(_params(args).serve, args.repository, args.out, args.version, args.checkpoint,
+                      loadtest=not args.no_loadtest)
+    print(f"check: passed over {', '.join(result['check']['protocols'])} in {result['check']['seconds']} s")
+    if result["loadtest"]:
+        print(result["loadtest"]["table"])
+    print(f"check: wrote {args.out}")
+
+
+def cmd_loadtest(args: argparse.Namespace) -> None:
+    from components.serve import loadtest
+
+    cfg = _params(args).serve
+    if args.model:
+        cfg.loadtest.model = args.model
+    result = loadtest.run(cfg, args.repository, png=args.png)
+    print(result["table"])
+
+
+def _registry(args: argparse.Namespace):
+    from components.registry.registry import Registry
+
+    cfg = _params(args).registry
+    return Registry.init(cfg.root, cfg, args.actor), cfg
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Start tritonserver on a repository and keep it up until Ctrl-C; with --stage, first export
+    the registry's version in that stage (serving follows the stage)."""
+    import signal
+    import time
+
+    from components.serve import export
+    from components.serve.server import TritonServer
+
+    params = _params(args)
+    cfg = params.serve
+    for key in ("http_port", "grpc_port", "metrics_port"):
+        if getattr(args, key):
+            setattr(cfg.server, key, getattr(args, key))
+    repo = Path(args.repository)
+    if args.stage:
+        reg, rcfg = _registry(args)
+        folder = reg.serving_path(rcfg.name, args.stage)
+        if folder is None:
+            raise ConfigError(f"--stage {args.stage}: the registry at {rcfg.root} holds no {rcfg.name} version in "
+                              f"{args.stage} (distillery registry show)")
+        summary = export.run(cfg.export, folder / "model" if (folder / "model").is_dir() else folder, repo)
+        print(f"serve: {rcfg.name} {reg.current(rcfg.name, args.stage)} ({args.stage}) exported as version "
+              f"{summary['version']} into {repo}")
+    models = [f"{cfg.export.name}_{kind}" for kind in ("generate", "score")]
+    server = TritonServer(repo, cfg.server, log_path=repo.parent / f"{repo.name}.tritonserver.log")
+    with server:
+        for model in models:
+            server.load(model)
+        print(f"serve: tritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
+              f"{server.metrics_url}; models {', '.join(models)}; log {server.log_path}")
+        if args.once:
+            return
+        print("serve: Ctrl-C stops it")
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        try:
+            while not stop and server.is_alive():
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    print("serve: stopped")
+
+
+def cmd_release(args: argparse.Namespace) -> None:
+    import json
+
+    from components.registry import release
+
+    load = json.loads(Path(args.loadtest).read_text()) if args.loadtest else None
+    release.run(_params(args).registry, Path(args.model), json.loads(
+        (Path(args.model).parent / "metrics.json").read_text() if not args.metrics else Path(args.metrics).read_text()),
+        json.loads(Path(args.check).read_text()), {"rows": load} if load is not None else None, args.out, args.actor)
+    print((Path(args.out) / "promotion.md").read_text(), end="")
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from components.registry.cli import run
+
+    cfg = _params(args).registry
+    if args.name:
+        cfg.name = args.name
+    return run(args, cfg)
+
+
 def cmd_compile(args: argparse.Namespace) -> None:
     from pipelines.pipeline import compile_pipeline
 
@@ -189,6 +296,42 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_params(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(_params(args).as_dict(), sort_keys=False), end="")
+
+
+def _registry_parsers(sub, common: argparse.ArgumentParser) -> None:
+    """promote, rollback, and `registry` (init, register, current, path, show): the GTO registry."""
+    from components.registry.config import STAGES
+
+    reg_common = argparse.ArgumentParser(add_help=False, parents=[common])
+    reg_common.add_argument("--name", help="the model's name in the registry (registry.name)")
+    reg_common.add_argument("--actor", help='who acts, "Name <email>" (default: git user, else $USER)')
+    pro = sub.add_parser("promote", parents=[reg_common], help="move a registered version into a stage, through the gate")
+    pro.add_argument("version", help="e.g. v0.0.2 (distillery registry show)")
+    pro.add_argument("--to", choices=STAGES, default="staging")
+    pro.add_argument("--note", default="", help="a note kept in the tag's message")
+    pro.set_defaults(func=cmd_registry, command="promote")
+    rb = sub.add_parser("rollback", parents=[reg_common], help="give a stage back to the version it held before")
+    rb.add_argument("--stage", choices=STAGES, default="production")
+    rb.add_argument("--note", default="", help="why, kept in the tag's message")
+    rb.set_defaults(func=cmd_registry, command="rollback")
+    registry = sub.add_parser("registry", help="the model registry: versions, stages, paths")
+    rsub = registry.add_subparsers(dest="command", required=True)
+    rsub.add_parser("init", parents=[reg_common], help="make the registry repository").set_defaults(func=cmd_registry)
+    r = rsub.add_parser("register", parents=[reg_common], help="register a model folder or archive as a new version")
+    r.add_argument("artifact", help="model folder, or .tar/.tar.gz/.tgz/.zip of one")
+    r.add_argument("--metrics", help="metrics JSON (default: metrics.json in the model folder)")
+    r.add_argument("--check", help="serve.check report JSON (default: check.json in the model folder)")
+    r.add_argument("--version", help="explicit version v1.2.3 (default: the next patch version)")
+    r.set_defaults(func=cmd_registry)
+    for name, text in (("current", "print the version a stage holds"),
+                       ("path", "print the folder of a version (or of the stage's version)")):
+        c = rsub.add_parser(name, parents=[reg_common], help=text)
+        c.add_argument("--stage", choices=STAGES, default="production")
+        if name == "path":
+            c.add_argument("--version")
+        c.set_defaults(func=cmd_registry)
+    rsub.add_parser("show", parents=[reg_common], help="versions, stages and stage history as JSON").set_defaults(
+        func=cmd_registry)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +405,44 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument("--out", required=True, help="output folder: model/ (INT8), metrics.json")
     qua.set_defaults(func=cmd_quantize)
 
+    exp = sub.add_parser("export", parents=[common], help="serve.export: a Triton model repository from a model folder")
+    exp.add_argument("--checkpoint", required=True, help="a model folder (float or INT8), e.g. runs/quantize/model")
+    exp.add_argument("--repository", required=True, help="the model repository (a new version is added)")
+    exp.add_argument("--version", type=int, help="the version number (default: the next free one)")
+    exp.add_argument("--name", help="model name prefix (serve.export.name)")
+    exp.set_defaults(func=cmd_export)
+    chk = sub.add_parser("check", parents=[common], help="serve.check: a version in a real tritonserver, then the load test")
+    chk.add_argument("--repository", required=True)
+    chk.add_argument("--out", required=True, help="folder for check.json, loadtest.{json,md,png}, the server log")
+    chk.add_argument("--version", type=int, help="the version to check (default: the newest)")
+    chk.add_argument("--checkpoint", help="reference model folder (default: the version's own copy)")
+    chk.add_argument("--no-loadtest", action="store_true", help="the check only")
+    chk.set_defaults(func=cmd_check)
+    lt = sub.add_parser("loadtest", parents=[common], help="concurrency sweep, batching on vs off, through tritonclient")
+    lt.add_argument("--repository", required=True)
+    lt.add_argument("--model", choices=["generate", "score"], help="serve.loadtest.model")
+    lt.add_argument("--png", help="write the throughput/latency plot here")
+    lt.set_defaults(func=cmd_loadtest)
+    srv = sub.add_parser("serve", parents=[common], help="run tritonserver on a model repository until Ctrl-C")
+    srv.add_argument("--repository", required=True, help="the model repository (made by export, or by --stage)")
+    srv.add_argument("--stage", choices=["staging", "production"],
+                     help="first export the registry's version in this stage into the repository")
+    srv.add_argument("--http-port", dest="http_port", type=int, default=0, help="default: a free port")
+    srv.add_argument("--grpc-port", dest="grpc_port", type=int, default=0)
+    srv.add_argument("--metrics-port", dest="metrics_port", type=int, default=0)
+    srv.add_argument("--once", action="store_true", help="start, load, print the endpoints and stop (a smoke test)")
+    srv.add_argument("--actor", help=argparse.SUPPRESS)
+    srv.set_defaults(func=cmd_serve)
+    rel = sub.add_parser("release", parents=[common], help="register a checked model and promote it to staging if it passes the gate")
+    rel.add_argument("--model", required=True, help="the INT8 model folder, e.g. runs/quantize/model")
+    rel.add_argument("--metrics", help="its metrics.json (default: the one beside the model folder)")
+    rel.add_argument("--check", required=True, help="serve.check's check.json")
+    rel.add_argument("--loadtest", help="serve.check's loadtest.json (latency for the gate)")
+    rel.add_argument("--out", required=True, help="folder for promotion.json and promotion.md")
+    rel.add_argument("--actor", help='who acts, "Name <email>" (default: git user, else $USER)')
+    rel.set_defaults(func=cmd_release)
+    _registry_parsers(sub, common)
+
     comp = sub.add_parser("compile", parents=[common], help="write the pipeline's IR YAML")
     comp.add_argument("--out", default="pipeline.yaml")
     comp.set_defaults(func=cmd_compile)
@@ -278,19 +459,21 @@ def main(argv: list[str] | None = None) -> int:
     from components.artifacts import OutputError
     from components.data.load import DataError
     from components.data.validate import GateFailed
+    from components.registry.errors import RegistryError
+    from components.serve.errors import ServeError
     from pipelines.local import PipelineFailed
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        args.func(args)
+        code = args.func(args)
     except ConfigError as err:
         print(f"distillery: parameter error: {err}", file=sys.stderr)
         return 2
-    except (DataError, GateFailed, OutputError, PipelineFailed) as err:
+    except (DataError, GateFailed, OutputError, PipelineFailed, RegistryError, ServeError) as err:
         print(f"distillery: {err}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from components.compress.config import DistillConfig, QuantizeConfig
 from components.config import ConfigError, from_dict, merge, to_dict
 from components.data.config import FilterConfig, GenerateConfig, SourceConfig, SplitConfig, ValidateConfig
 from components.model import ModelConfig
+from components.registry.config import RegistryConfig
+from components.serve.config import ServeConfig
 from components.train.config import EvaluateConfig, FinetuneConfig, ReinforceConfig, TokenizerConfig, TrainConfig
 
 REPO_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
@@ -53,6 +55,10 @@ class PipelineParams:
     """Teacher -> smaller student (logit distillation)."""
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     """INT8 weights and KV cache."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """Triton: the model repository export, the local server, serve.check and the load test."""
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    """The GTO model registry and the promotion gate."""
 
     def as_dict(self) -> dict[str, Any]:
         return to_dict(self)

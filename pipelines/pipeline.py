@@ -15,7 +15,10 @@ from typing import Any
 
 from kfp import compiler, dsl
 
+from components.compress import component as compress
 from components.data import component as data
+from components.registry import component as registry
+from components.serve import component as serve
 from components.train import component as training
 from pipelines.local import PIPELINE_NAME
 from pipelines.params import PipelineParams
@@ -39,6 +42,10 @@ def build_pipeline(params: PipelineParams) -> Any:
         reinforce_config: dict = p["reinforce"],
         finetune_config: dict = p["finetune"],
         evaluate_config: dict = p["evaluate"],
+        distill_config: dict = p["distill"],
+        quantize_config: dict = p["quantize"],
+        serve_config: dict = p["serve"],
+        registry_config: dict = p["registry"],
     ):
         ingest = data.ingest(source_uri=source_uri, source_config=source_config, generate_config=generate_config)
         ingest.set_display_name("ingest")
@@ -64,6 +71,21 @@ def build_pipeline(params: PipelineParams) -> Any:
                                               finetune_model=finetune.outputs["model"],
                                               splits=split.outputs["splits"], evaluate_config=evaluate_config)
         evaluation.set_display_name("evaluate stages")
+        student = compress.distill(teacher=finetune.outputs["model"], splits=split.outputs["splits"],
+                                   distill_config=distill_config)
+        student.set_display_name("distill")
+        int8 = compress.quantize(float_model=student.outputs["model"], splits=split.outputs["splits"],
+                                 quantize_config=quantize_config)
+        int8.set_display_name("quantize (INT8)")
+        repo = serve.serve_export(model=int8.outputs["model"], serve_config=serve_config)
+        repo.set_display_name("serve.export (Triton repository)")
+        checked = serve.serve_check(repository=repo.outputs["repository"], serve_config=serve_config)
+        checked.set_display_name("serve.check (real tritonserver)")
+        checked.set_caching_options(False)  # it tests a live server: a cached pass proves nothing
+        promoted = registry.promote(model=int8.outputs["model"], check=checked.outputs["check"],
+                                    registry_config=registry_config)
+        promoted.set_display_name("registry.promote (staging, gated)")
+        promoted.set_caching_options(False)  # it changes the registry
 
     return distillery
 

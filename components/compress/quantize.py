@@ -360,7 +360,8 @@ def run(cfg, model_dir: str | os.PathLike, data_dir: str | os.PathLike | None, o
             f_res, _ = evaluate_model(base, tok, test, ecfg)
             q_res, _ = evaluate_model(q, tok, test, ecfg)
             report.update(float_accuracy=f_res["accuracy"], int8_accuracy=q_res["accuracy"],
-                          accuracy_drop=f_res["accuracy"] - q_res["accuracy"], float_perplexity=f_res["perplexity"],
+                          accuracy_drop=f_res["accuracy"] - q_res["accuracy"], float_format=f_res["format"],
+                          int8_format=q_res["format"], float_perplexity=f_res["perplexity"],
                           int8_perplexity=q_res["perplexity"], test_rows=len(test))
         finish(tmp, "compress.quantize", {"model": model_dir / "model.safetensors"},
                {"quantize": asdict(cfg)}, report, {"model": tmp / "model"})

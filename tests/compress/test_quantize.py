@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from components.compress.quantize import (
-    FakeQuantLinear, Int8LayerCache, QuantLinear, dequantize_rows, fake_quantize, load_quantized, quantizable,
+    FakeQuantLinear, Int8LayerCache, QuantLinear, dequantize_rows, fake_quantize, quantizable,
     quantize_model, quantize_rows, save_quantized, weight_bytes,
 )
 from components.config import ConfigError

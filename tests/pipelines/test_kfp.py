@@ -21,7 +21,8 @@ def test_compiled_pipeline_loads_back_with_kfp(tmp_path):
     spec = yaml.safe_load(out.read_text())
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"ingest", "validate", "filter-rows", "split", "train-base", "train-reinforce",
-                          "train-finetune", "evaluate-stages"}
+                          "train-finetune", "evaluate-stages", "distill", "quantize"}
+    assert set(tasks["quantize"]["dependentTasks"]) == {"distill", "split"}
     assert tasks["train-finetune"]["dependentTasks"] == ["split", "train-reinforce"] or \
         set(tasks["train-finetune"]["dependentTasks"]) == {"split", "train-reinforce"}
     # the preset's values are the defaults of the run form
@@ -71,6 +72,14 @@ def test_local_run_writes_every_artifact(local_run):
     outputs = json.loads((local_run / "evaluate-stages" / "executor_output.json").read_text())["artifacts"]
     (logged,) = outputs["metrics"]["artifacts"]
     assert 0 <= logged["metadata"]["finetune_accuracy"] <= 1
+    # compression: the student from the finetuned teacher, then its INT8 artifact
+    distilled = json.loads((local_run / "distill" / "model" / "metrics.json").read_text())
+    assert distilled["student_params"] < distilled["teacher_params"]
+    assert json.loads((local_run / "distill" / "model" / "manifest.json").read_text())["inputs"]["teacher"][
+        "path"].endswith("train-finetune/model/model/model.safetensors")
+    int8 = local_run / "quantize" / "model"
+    assert (int8 / "model" / "quantization.json").is_file()
+    assert json.loads((int8 / "metrics.json").read_text())["size_ratio"] > 3
 
 
 def test_local_run_lineage_and_conservation(local_run):
