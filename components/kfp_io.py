@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
 def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
-    """Log every numeric (and boolean, as 0/1) value of a step's metrics dict."""
+    """Log every finite numeric (and boolean, as 0/1) value of a step's metrics dict."""
     for key, value in values.items():
         if isinstance(value, bool):
             metrics.log_metric(key, int(value))
-        elif isinstance(value, (int, float)):
+        elif isinstance(value, (int, float)) and math.isfinite(value):  # KFP's protobuf has no NaN
             metrics.log_metric(key, value)
 
 

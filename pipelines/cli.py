@@ -288,6 +288,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from pipelines.local import print_artifacts, run_local
 
     params = _params(args)
+    if not Path(params.registry.root).is_absolute():  # a local run keeps its registry under --out
+        params.registry.root = str(Path(args.out).resolve() / Path(params.registry.root).name)
     if args.source:  # read it once here: a bad file is named before any task starts
         load_rows(args.source, params.source)
     artifacts = run_local(params, Path(args.out), source_uri=args.source or "")

@@ -194,9 +194,9 @@ def run(cfg: DistillConfig, teacher_dir: str | os.PathLike, data_dir: str | os.P
     if test:
         t_res, _ = evaluate_model(teacher, tok, test, ecfg)
         s_res, _ = evaluate_model(student, tok, test, ecfg)
-        report.update(teacher_accuracy=t_res["accuracy"], student_accuracy=s_res["accuracy"],
-                      accuracy_ratio=s_res["accuracy"] / t_res["accuracy"] if t_res["accuracy"] else float("nan"),
-                      test_rows=len(test))
+        report.update(teacher_accuracy=t_res["accuracy"], student_accuracy=s_res["accuracy"], test_rows=len(test))
+        if t_res["accuracy"] > 0:
+            report["accuracy_ratio"] = s_res["accuracy"] / t_res["accuracy"]
     summary.update(report)
     finish(out, "compress.distill", {"teacher": Path(teacher_dir) / "model.safetensors",
                                      "train": data_dir / "train.jsonl"},

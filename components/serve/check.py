@@ -165,8 +165,8 @@ def run_check(server: TritonServer, repository: str | os.PathLike, name: str = "
         version = have[-1]
     reference_folder = Path(model_folder) if model_folder else repo / gen / str(version) / MODEL_DIR
     start = time.perf_counter()
-    report: dict = {"version": version, "reference": str(reference_folder), "models": {}, "probes": [],
-                    "max_abs_logprob_diff": 0.0, "passed": True}
+    report: dict = {"version": version, "reference": str(reference_folder), "protocols": list(cfg.protocols),
+                    "models": {}, "probes": [], "max_abs_logprob_diff": 0.0, "passed": True}
     _load_all(server, [model_name(name, kind) for kind in KINDS], version, report)
     _check_files(repo, name, version, report)
     ref = reference_outputs(reference_folder, cfg)

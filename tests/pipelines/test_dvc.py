@@ -42,7 +42,11 @@ def test_dvc_repro_runs_the_stages_and_then_is_up_to_date(tmp_path):
         assert (work / out).is_file(), out
     lock = yaml.safe_load((work / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"generate", "validate", "filter", "split", "train_base", "train_reinforce",
-                                   "train_finetune", "evaluate"}
+                                   "train_finetune", "evaluate", "distill", "quantize", "serve_export", "serve_check",
+                                   "release"}
+    promotion = json.loads((work / "data/release/promotion.json").read_text())
+    assert promotion["version"] == "v0.0.1" and promotion["staging"] == "v0.0.1"  # the first model, gated on minimums
+    assert json.loads((work / "data/serve/check.json").read_text())["passed"]
     for stage in ("base", "reinforce", "finetune"):
         assert (work / f"data/{stage}/model/model.safetensors").is_file()
     assert "finetune_accuracy" in json.loads((work / "data/evaluate/metrics.json").read_text())

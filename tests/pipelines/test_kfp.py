@@ -21,7 +21,8 @@ def test_compiled_pipeline_loads_back_with_kfp(tmp_path):
     spec = yaml.safe_load(out.read_text())
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"ingest", "validate", "filter-rows", "split", "train-base", "train-reinforce",
-                          "train-finetune", "evaluate-stages", "distill", "quantize"}
+                          "train-finetune", "evaluate-stages", "distill", "quantize", "serve-export", "serve-check",
+                          "promote"}
     assert set(tasks["quantize"]["dependentTasks"]) == {"distill", "split"}
     assert tasks["train-finetune"]["dependentTasks"] == ["split", "train-reinforce"] or \
         set(tasks["train-finetune"]["dependentTasks"]) == {"split", "train-reinforce"}
@@ -80,6 +81,16 @@ def test_local_run_writes_every_artifact(local_run):
     int8 = local_run / "quantize" / "model"
     assert (int8 / "model" / "quantization.json").is_file()
     assert json.loads((int8 / "metrics.json").read_text())["size_ratio"] > 3
+    # serving: the INT8 model in a Triton repository, checked on a real server, then registered
+    repo = local_run / "serve-export" / "repository"
+    assert (repo / "distillery_generate" / "1" / "model.py").is_file()
+    assert (repo / "distillery_score" / "config.pbtxt").is_file()
+    check = json.loads((local_run / "serve-check" / "check" / "check.json").read_text())
+    assert check["passed"] and set(check["protocols"]) == {"http", "grpc"}
+    rows = json.loads((local_run / "serve-check" / "check" / "loadtest.json").read_text())
+    assert {(r["batching"], r["concurrency"]) for r in rows} == {(b, c) for b in (True, False) for c in (1, 4)}
+    assert all(r["errors"] == 0 for r in rows)
+    assert "promoted to staging" in (local_run / "promote" / "report").read_text()
 
 
 def test_local_run_lineage_and_conservation(local_run):
