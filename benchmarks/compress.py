@@ -78,7 +78,8 @@ def main() -> None:
           f"{q['int8_accuracy']:.3f} |")
     print("\n| claim | measured | target | met |")
     print("|---|---|---|---|")
-    rows = [("student accuracy / teacher accuracy", d["accuracy_ratio"], ">= 0.95", d["accuracy_ratio"] >= 0.95),
+    ratio = d.get("accuracy_ratio", float("nan"))  # absent when the teacher scores 0
+    rows = [("student accuracy / teacher accuracy", ratio, ">= 0.95", ratio >= 0.95),
             ("student parameters / teacher parameters", d["param_ratio"], "<= 0.50", d["param_ratio"] <= 0.5),
             ("INT8 accuracy drop (points)", 100 * q["accuracy_drop"], "<= 1.0", 100 * q["accuracy_drop"] <= 1.0),
             ("float bytes / INT8 bytes (safetensors)", q["size_ratio"], ">= 3.5", q["size_ratio"] >= 3.5)]

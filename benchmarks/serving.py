@@ -15,6 +15,7 @@ concurrency, measured in this one run. perf_analyzer is not in the wheel, hence 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -45,14 +46,14 @@ def main() -> None:
         result = run_loadtest(server, repo, cfg.loadtest, cfg.export.name, png=args.png)
     rows = result["rows"]
     print(f"\n## Triton serving: {args.model} ({args.max_tokens} tokens per request), {args.requests} requests "
-          f"per point, gRPC, 2 CPU cores\n")
+          f"per point, gRPC, {os.cpu_count()} CPU cores\n")
     print(result["table"])
     on = {r["concurrency"]: r for r in rows if r["batching"]}
     off = {r["concurrency"]: r for r in rows if not r["batching"]}
     print("\n| concurrency | throughput batching on / off | p95 on / off |")
     print("|---|---|---|")
     for c in sorted(on):
-        if c in off and off[c]["throughput_rps"] > 0:
+        if c in off and off[c]["throughput_rps"] > 0 and off[c]["p95_ms"] > 0:
             print(f"| {c} | {on[c]['throughput_rps'] / off[c]['throughput_rps']:.2f} | "
                   f"{on[c]['p95_ms'] / off[c]['p95_ms']:.2f} |")
     print(f"\nmodel {args.checkpoint}; repository and server log in {repo.parent}")

@@ -30,6 +30,7 @@ components call the same step functions as these commands.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -203,10 +204,11 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
 
 
 def _registry(args: argparse.Namespace):
+    """The existing registry of params' registry.root (never made here: a typo must not make one)."""
     from components.registry.registry import Registry
 
     cfg = _params(args).registry
-    return Registry.init(cfg.root, cfg, args.actor), cfg
+    return Registry(cfg.root, cfg, args.actor), cfg
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -228,9 +230,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         reg, rcfg = _registry(args)
         folder = reg.serving_path(rcfg.name, args.stage)
         if folder is None:
-            raise ConfigError(f"--stage {args.stage}: the registry at {rcfg.root} holds no {rcfg.name} version in "
-                              f"{args.stage} (distillery registry show)")
-        summary = export.run(cfg.export, folder / "model" if (folder / "model").is_dir() else folder, repo)
+            from components.registry.errors import RegistryError
+
+            raise RegistryError(f"--stage {args.stage}: the registry at {rcfg.root} holds no {rcfg.name} version in "
+                                f"{args.stage} (distillery registry show)")
+        summary = export.run(cfg.export, folder, repo)
         print(f"serve: {rcfg.name} {reg.current(rcfg.name, args.stage)} ({args.stage}) exported as version "
               f"{summary['version']} into {repo}")
     models = [f"{cfg.export.name}_{kind}" for kind in ("generate", "score")]
@@ -254,14 +258,24 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_release(args: argparse.Namespace) -> None:
-    import json
-
     from components.registry import release
+    from components.registry.records import load_report
 
-    load = json.loads(Path(args.loadtest).read_text()) if args.loadtest else None
-    release.run(_params(args).registry, Path(args.model), json.loads(
-        (Path(args.model).parent / "metrics.json").read_text() if not args.metrics else Path(args.metrics).read_text()),
-        json.loads(Path(args.check).read_text()), {"rows": load} if load is not None else None, args.out, args.actor)
+    model = Path(args.model)
+    metrics, _ = load_report(args.metrics, model.parent / "metrics.json", "quantize step's metrics")
+    check, _ = load_report(args.check, Path(args.check), "serve.check report")
+    rows = None
+    if args.loadtest:
+        from components.registry.errors import RegistryError
+
+        try:
+            rows = json.loads(Path(args.loadtest).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RegistryError(f"{args.loadtest}: not a readable load-test JSON: {err}") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise RegistryError(f"{args.loadtest}: expected a list of rows (serve.check's loadtest.json)")
+    release.run(_params(args).registry, model, metrics, check, {"rows": rows} if rows is not None else None,
+                args.out, args.actor)
     print((Path(args.out) / "promotion.md").read_text(), end="")
 
 

@@ -158,15 +158,15 @@ def run(cfg: DistillConfig, teacher_dir: str | os.PathLike, data_dir: str | os.P
     from components.train.stages import _prepare, _rows, _val_batches
 
     out, data_dir = Path(out_dir), Path(data_dir)
-    _prepare(out, (teacher_dir, data_dir), fresh)
-    t_cfg, t_state, tok = load_pretrained(teacher_dir)
+    t_cfg, t_state, tok = load_pretrained(teacher_dir)  # bad input is refused before --fresh removes anything
     teacher = Transformer(t_cfg)
     teacher.load_state_dict(t_state)
     s_cfg = student_config(t_cfg, cfg)
-    init = prune_from_teacher(t_cfg, t_state, s_cfg) if cfg.init == "teacher" else None
     rows = _rows(data_dir, "train.jsonl")
     if not rows:
         raise DataError(f"{data_dir / 'train.jsonl'}: no rows to distill on")
+    _prepare(out, (teacher_dir, data_dir), fresh)
+    init = prune_from_teacher(t_cfg, t_state, s_cfg) if cfg.init == "teacher" else None
     rank0 = os.environ.get("RANK", "0") == "0"
     extra = teacher_rows(teacher, tok, rows) if cfg.teacher_data else []
     if rank0 and cfg.teacher_data:

@@ -56,6 +56,31 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None].float()
 
 
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ (q * scale[:, None])^T with q int8 (out, in): PyTorch's fused weight-only
+    kernel where it is exact; a plain matmul with the dequantized weight while tracing for ONNX
+    (the exporter has no int8pack op; the int8 weights stay int8 in the graph). bf16 on the CPU
+    runs the kernel in fp32: torch 2.13's CPU kernel is wrong for bf16 when `in` is not a
+    multiple of 16."""
+    shape, dtype = x.shape, x.dtype
+    if torch.compiler.is_exporting():
+        return F.linear(x, q.to(dtype) * scale.to(dtype)[:, None])
+    flat = x.reshape(-1, shape[-1]).contiguous()  # (N, in)
+    if flat.dtype not in (torch.float32, torch.float16) or flat.device.type == "cpu" and flat.dtype != torch.float32:
+        flat = flat.float()
+    y = torch.ops.aten._weight_int8pack_mm(flat, q, scale.to(flat.dtype))
+    return y.to(dtype).view(*shape[:-1], q.size(0))  # (..., out)
+
+
+def _keep_fp32_scale(module: nn.Module, apply, fn, recurse):
+    """Cast like any module, but keep the float32 scales: rounding them to bf16 would double
+    the quantization error."""
+    scale = module.scale
+    apply(fn, recurse)
+    module.scale = scale.to(module.scale.device)
+    return module
+
+
 class QuantLinear(nn.Module):
     """y = x @ (q * s)^T with q int8 (out, in) and s (out,): weight-only INT8, no bias."""
 
@@ -74,12 +99,10 @@ class QuantLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, self.in_features)  # (N, in)
-        if flat.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            flat = flat.float()
-        y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight_int8, self.scale.to(flat.dtype))
-        return y.view(*shape[:-1], self.out_features)  # (..., out)
+        return int8_matmul(x, self.weight_int8, self.scale)
+
+    def _apply(self, fn, recurse=True):
+        return _keep_fp32_scale(self, super()._apply, fn, recurse)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -93,9 +116,14 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("weight_int8", torch.zeros(vocab, dim, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(vocab))
+        self.register_buffer("dtype_probe", torch.zeros(0), persistent=False)  # follows .to(dtype): the output's
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.weight_int8).float() * self.scale[idx, None]  # (B, T, C)
+        rows = F.embedding(idx, self.weight_int8).float() * self.scale[idx, None]  # (B, T, C)
+        return rows.to(self.dtype_probe.dtype)
+
+    def _apply(self, fn, recurse=True):
+        return _keep_fp32_scale(self, super()._apply, fn, recurse)
 
 
 class TiedQuantHead(nn.Module):
@@ -107,10 +135,7 @@ class TiedQuantHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         emb = self._emb[0]
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1]).contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(flat, emb.weight_int8, emb.scale.to(flat.dtype))
-        return y.view(*shape[:-1], -1)
+        return int8_matmul(x, emb.weight_int8, emb.scale)
 
 
 class Int8LayerCache(LayerCache):
@@ -327,19 +352,34 @@ def run(cfg, model_dir: str | os.PathLike, data_dir: str | os.PathLike | None, o
     from components.train.evaluate import EvaluateConfig, evaluate_model, problems
     from components.train.pretrained import load_model
 
+    import shutil
+    import tempfile
+
+    from components.config import ConfigError
+    from components.data.load import DataError
+    from components.train.pretrained import ModelFolderError
+
     model_dir, out = Path(model_dir), Path(out_dir)
+    if (model_dir / "quantization.json").exists():
+        raise ModelFolderError(f"{model_dir}: already INT8 (quantization.json); give the float model folder")
+    if data_dir is not None and not (Path(data_dir) / "test.jsonl").is_file():
+        raise DataError(f"{Path(data_dir) / 'test.jsonl'}: missing; --data is the split folder whose test rows "
+                        f"measure accuracy before and after")
+    if cfg.qat_steps and data_dir is None:
+        raise ConfigError("quantize.qat_steps needs the split folder (--data) to fine-tune on")
     inputs = (model_dir,) + ((Path(data_dir),) if data_dir else ())
     with atomic_dir(out, inputs) as tmp:
         source = model_dir
-        if cfg.qat_steps:
-            if data_dir is None:
-                from components.config import ConfigError
-
-                raise ConfigError("quantize.qat_steps needs the split folder (--data) to fine-tune on")
-            source = _qat(cfg, model_dir, Path(data_dir), tmp, progress)
-        fp, tok = load_model(source)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.qat-", dir=out.parent)) if cfg.qat_steps else None
+        try:  # the QAT run's checkpoints are scratch, not part of the output
+            if scratch is not None:
+                source = _qat(cfg, model_dir, Path(data_dir), scratch, progress)
+            fp, tok = load_model(source)
+            q, spec = quantize_model(fp, cfg.embedding, cfg.kv_cache)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
         base, _ = load_model(model_dir)
-        q, spec = quantize_model(fp, cfg.embedding, cfg.kv_cache)
         (tmp / "model").mkdir()
         save_quantized(q, spec, tok, tmp / "model")
         q, _ = load_quantized(tmp / "model")  # measure what was written, as a server would load it
@@ -363,6 +403,7 @@ def run(cfg, model_dir: str | os.PathLike, data_dir: str | os.PathLike | None, o
                           accuracy_drop=f_res["accuracy"] - q_res["accuracy"], float_format=f_res["format"],
                           int8_format=q_res["format"], float_perplexity=f_res["perplexity"],
                           int8_perplexity=q_res["perplexity"], test_rows=len(test))
-        finish(tmp, "compress.quantize", {"model": model_dir / "model.safetensors"},
+        finish(tmp, "compress.quantize", {"model": model_dir / "model.safetensors",
+                                          **({"test": Path(data_dir) / "test.jsonl"} if data_dir else {})},
                {"quantize": asdict(cfg)}, report, {"model": tmp / "model"})
     return report

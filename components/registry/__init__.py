@@ -7,7 +7,7 @@
     reg.rollback("lm")
 
 See registry.py for the layout and tag formats, config.py for the gate's thresholds, and
-cli.py for `python -m components.registry`.
+cli.py for the `distillery promote / rollback / registry` commands.
 """
 
 from components.registry.errors import ArtifactRefused, GateError, RegistryError, RollbackError

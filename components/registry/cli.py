@@ -1,7 +1,7 @@
 """The registry's commands, run by `distillery` (pipelines/cli.py parses them):
 
     distillery registry init                                   # git init + .gto in registry.root
-    distillery registry register runs/finetune/model           # metrics.json, check.json inside
+    distillery registry register runs/quantize/model --metrics m.json --check runs/serve/check.json
     distillery registry register model.tar.gz --metrics m.json --check check.json
     distillery promote v0.0.2 --to staging                     # gate vs production
     distillery promote v0.0.2 --to production                  # only what staging holds

@@ -1,7 +1,7 @@
 """Typed config of the model registry (the `registry` section of params.yaml).
 
     registry:
-      root: registry               # a git repository of its own, made by `Registry.init`
+      root: runs/registry          # a git repository of its own, made by `Registry.init`
       name: distillery-lm
       gate:
         metric: accuracy           # must beat production by more than min_gain ...
@@ -69,7 +69,7 @@ class GateConfig:
 class RegistryConfig:
     """The GTO model registry: where it lives, the model's name, and the promotion gate."""
 
-    root: str = "registry"
+    root: str = "runs/registry"
     """The registry's git repository (relative to the working folder). Versions live under
     <root>/models/<name>/<version>/, stages are GTO git tags in it."""
     name: str = "distillery-lm"

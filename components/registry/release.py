@@ -43,11 +43,12 @@ def run(cfg: RegistryConfig, model_folder: str | os.PathLike, quantize_metrics: 
         actor: str | None = None) -> dict[str, Any]:
     """Register `model_folder` with its evidence, try staging; promotion.json and promotion.md
     in `out_dir`. Returns {version, promoted, staging, production, metrics}."""
+    from components.registry.artifact import inspect_folder
     from components.registry.registry import Registry
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     metrics = candidate_metrics(quantize_metrics, loadtest)
+    inspect_folder(model_folder, cfg)  # a refused artifact leaves no registry and no report behind
     reg = Registry.init(cfg.root, cfg, actor)
     registration = reg.register(model_folder, cfg.name, metrics, check)
     version = registration.version
@@ -61,6 +62,7 @@ def run(cfg: RegistryConfig, model_folder: str | os.PathLike, quantize_metrics: 
     result = {"version": version, "tag": registration.tag, "promoted": promoted, "status": status,
               "staging": reg.current(cfg.name, "staging"), "production": reg.current(cfg.name, "production"),
               "metrics": metrics, "registry": str(Path(cfg.root).resolve())}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "promotion.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     lines = [f"# {cfg.name} {version}: {'promoted to staging' if promoted else 'NOT promoted'} ({status})", "",
              f"staging: {result['staging']}, production: {result['production']}", "", "```", table, "```", "",

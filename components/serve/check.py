@@ -261,6 +261,8 @@ def run_step(cfg: ServeConfig, repository: str | os.PathLike, out_dir: str | os.
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("check.json", "loadtest.json", "loadtest.md", "loadtest.png"):  # never an old run's evidence
+        (out / stale).unlink(missing_ok=True)
     with TritonServer(repository, cfg.server, log_path=out / "tritonserver.log") as server:
         try:
             report = run_check(server, repository, cfg.export.name, version, model_folder, cfg.check)

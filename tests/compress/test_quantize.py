@@ -3,6 +3,7 @@ against the float model, the artifact written and read back strictly, and QAT's 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -171,3 +172,41 @@ def test_fake_quantize_keeps_state_dict_keys():
     fake_quantize(model)
     assert set(model.state_dict()) == keys
     assert isinstance(model.blocks[0].attn.c_attn, FakeQuantLinear)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_embd", [48, 40])  # 40: not a multiple of 16 (torch's CPU bf16 kernel is wrong there)
+def test_low_precision_generation_matches_the_fp32_int8_model(dtype, n_embd):
+    q, _ = quantize_model(tiny(n_embd=n_embd))
+    x = torch.randint(0, 258, (2, 9))
+    ref, _ = q(x)
+    low = copy.deepcopy(q).to(dtype)
+    assert low.blocks[0].attn.c_attn.scale.dtype == torch.float32  # scales stay fp32 when the model is cast
+    logits, _ = low(x)
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    torch.testing.assert_close(logits.float(), ref, rtol=0, atol=0.05 * float(ref.detach().abs().max()))
+    out = low.generate(x[:, :3], 6, temperature=0)  # the INT8 cache, the embedding and the head in `dtype`
+    assert out.shape == (2, 9)
+
+
+def test_int8_model_exports_to_onnx_and_matches_onnxruntime(saved, tmp_path):
+    from components.serve.export import export_onnx
+
+    folder = saved[0]
+    path = export_onnx(folder, tmp_path / "score.onnx")  # verifies against torch with onnxruntime itself
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)  # weights stay int8
+
+
+def test_quantize_refuses_an_int8_folder_and_data_without_test_rows(saved, tmp_path):
+    from components.compress.config import QuantizeConfig
+    from components.compress.quantize import run
+    from components.data.load import DataError
+
+    with pytest.raises(ModelFolderError, match="already INT8"):
+        run(QuantizeConfig(), saved[0], None, tmp_path / "again")
+    with pytest.raises(DataError, match="test.jsonl"):
+        run(QuantizeConfig(), saved[0].parent, tmp_path, tmp_path / "out")
+    assert not (tmp_path / "again").exists() and not (tmp_path / "out").exists()

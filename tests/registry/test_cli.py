@@ -115,3 +115,61 @@ def test_console_entry_point(tmp_path):
     proc = subprocess.run([*cmd, *distillery_argv(("--params", p, "current", "--stage", "staging"))], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "lm staging holds no version" in proc.stderr
+
+
+def test_release_gates_the_candidate_and_refuses_bad_evidence_writing_nothing(tmp_path, capsys):
+    """`distillery release`: the pipeline's last step, with the quantize metrics beside the model."""
+    p = str(params(tmp_path))
+    work = tmp_path / "quantize"
+    model = make_model(work / "model", 1)
+    quantize = {"int8_accuracy": 0.41, "int8_format": 0.99, "int8_perplexity": 1.2, "int8_bytes": 4000}
+    (work / "metrics.json").write_text(json.dumps(quantize))
+    check = tmp_path / "check.json"
+    check.write_text(json.dumps({"passed": True}))
+    load = tmp_path / "loadtest.json"
+    load.write_text(json.dumps([{"model": "generate", "batching": True, "concurrency": 1, "p50_ms": 9.0,
+                                 "p95_ms": 11.0}]))
+
+    def release(*extra: str) -> tuple[int, str, str]:
+        code = main(["release", "--model", str(model), "--check", str(check), "--out", str(tmp_path / "rel"),
+                     "--params", p, "--actor", "CI <ci@example.com>", *extra])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    # bad evidence: one line, exit 1, no registry made, no report written
+    code, _, err = release("--loadtest", str(tmp_path / "absent.json"))
+    assert code == 1 and "absent.json" in err and "Traceback" not in err
+    load_bad = tmp_path / "bad.json"
+    load_bad.write_text("{not json")
+    code, _, err = release("--loadtest", str(load_bad))
+    assert code == 1 and "bad.json" in err
+    assert not (tmp_path / "reg").exists() and not (tmp_path / "rel").exists()
+
+    code, out, _ = release("--loadtest", str(load))
+    assert code == 0 and "promoted to staging" in out
+    promotion = json.loads((tmp_path / "rel" / "promotion.json").read_text())
+    assert promotion["staging"] == "v0.0.1" and promotion["metrics"] == {
+        "accuracy": 0.41, "format_rate": 0.99, "perplexity": 1.2, "size_bytes": 4000.0, "p50_ms": 9.0, "p95_ms": 11.0}
+
+    # a worse candidate is registered with its evidence but never promoted; the step still succeeds
+    assert run(capsys, "--params", p, "promote", "v0.0.1", "--to", "production")[0] == 0
+    model2 = make_model(work / "model2", 2)
+    (work / "metrics.json").write_text(json.dumps({**quantize, "int8_accuracy": 0.30}))
+    code = main(["release", "--model", str(model2), "--check", str(check), "--out", str(tmp_path / "rel2"),
+                 "--params", p, "--actor", "CI <ci@example.com>"])
+    out = capsys.readouterr().out
+    assert code == 0 and "NOT promoted" in out and "FAIL accuracy: candidate 0.3, production 0.41" in out
+    shown = json.loads(run(capsys, "--params", p, "show")[1])
+    assert shown["versions"] == ["v0.0.1", "v0.0.2"] and shown["stages"] == {"staging": "v0.0.1",
+                                                                           "production": "v0.0.1"}
+
+
+def test_serve_stage_needs_an_existing_registry_and_makes_none(tmp_path, capsys):
+    p = str(params(tmp_path))
+    code = main(["serve", "--repository", str(tmp_path / "triton"), "--stage", "production", "--params", p, "--once"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and str(tmp_path / "reg") in err
+    assert not (tmp_path / "reg").exists() and not (tmp_path / "triton").exists()
+    run(capsys, "--params", p, "init")
+    code = main(["serve", "--repository", str(tmp_path / "triton"), "--stage", "production", "--params", p, "--once"])
+    assert code == 1 and "holds no lm version in production" in capsys.readouterr().err
