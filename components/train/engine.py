@@ -124,7 +124,8 @@ def build_engine(model_cfg: ModelConfig, cfg: TrainConfig, init: dict[str, torch
                  freeze: Callable[[Transformer], None] | None = None):
     """(engine, model): the model initialised from `cfg.seed`, or loaded from the state dict
     `init` (a previous stage's weights), `freeze` applied (it clears requires_grad of what must
-    not train), wrapped by DeepSpeed."""
+    not train, or swaps modules in place keeping their parameters, as QAT's fake quantizers do),
+    wrapped by DeepSpeed."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

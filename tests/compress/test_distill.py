@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from components.compress.config import DistillConfig
 from components.compress.distill import distill_kl, kept_blocks, prune_from_teacher, student_config
@@ -122,6 +123,15 @@ def test_distill_then_quantize_through_the_cli(tmp_path):
     assert abs(q["accuracy_drop"] - (q["float_accuracy"] - q["int8_accuracy"])) < 1e-12
     model, _ = load_model(tmp_path / "int8/model")
     assert isinstance(model.blocks[0].attn.c_attn, QuantLinear)
+
+    # quantization-aware fine-tuning first: 4 fake-quantized steps on DeepSpeed, scratch not kept
+    ok(cli("quantize", "--checkpoint", str(tmp_path / "distill/model"), "--data", str(split),
+           "--out", str(tmp_path / "qat"), "--set", "quantize.qat_steps=4", "--set", "quantize.qat_lr=0.01"))
+    assert sorted(p.name for p in (tmp_path / "qat").iterdir()) == ["manifest.json", "metrics.json", "model"]
+    assert not list(tmp_path.glob(".qat.qat-*"))
+    ptq = load_file(str(tmp_path / "int8/model/model.safetensors"))
+    qat = load_file(str(tmp_path / "qat/model/model.safetensors"))
+    assert any(not torch.equal(ptq[k], qat[k]) for k in ptq if k.endswith("weight_int8"))  # QAT moved weights
 
     bad = cli("quantize", "--checkpoint", str(split), "--out", str(tmp_path / "nothing"))
     assert bad.returncode == 1 and "not a model folder" in bad.stderr and str(split) in bad.stderr

@@ -23,7 +23,7 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 def test_dvc_repro_runs_the_stages_and_then_is_up_to_date(tmp_path):
     work = tmp_path / "repo"
     work.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(REPO / name, work / name)
     for package in ("components", "pipelines"):
         shutil.copytree(REPO / package, work / package, ignore=shutil.ignore_patterns("__pycache__"))
