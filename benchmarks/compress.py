@@ -16,21 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-
-
-def cli(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=ENV, cwd=REPO,
-                          capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"failed: distillery {' '.join(args)}\n{proc.stderr[-3000:]}")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stages import cli  # noqa: E402  (the same subprocess runner: a failed command ends the benchmark)
 
 
 def teacher_chain(root: Path, p: tuple[str, ...]) -> tuple[Path, Path]:
