@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from components.config import require
-from components.train.config import PRECISIONS, TrainConfig
+from components.train.config import PRECISIONS, TrainConfig, engine_config
 
 STUDENT_INITS = ("teacher", "random")
 
@@ -29,8 +29,9 @@ class DistillConfig:
     teacher_data: bool = False
     """Also train on the teacher's own greedy solutions to the training prompts, keeping only the
     correct ones (rejection sampling, as DeepSeek-R1 made its distillation set)."""
-    steps: int = 300
-    """Optimizer steps."""
+    steps: int = 1000
+    """Optimizer steps (on the small preset: 300 gave the student 0.73 of the teacher's accuracy,
+    1,000 gave 1.42; benchmarks/compress.py)."""
     micro_batch: int = 16
     """Sequences per micro-batch per process."""
     grad_accum: int = 1
@@ -45,9 +46,9 @@ class DistillConfig:
     """DeepSpeed ZeRO stage across processes."""
     seed: int = 0
     """Seeds the batch sampler."""
-    checkpoint_every: int = 100
+    checkpoint_every: int = 250
     """Checkpoint every this many steps."""
-    eval_every: int = 100
+    eval_every: int = 250
     """Validation loss every this many steps (0: at the end only)."""
 
     def check(self) -> None:
@@ -61,10 +62,7 @@ class DistillConfig:
         require(self.precision in PRECISIONS, f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, micro_batch=self.micro_batch, grad_accum=self.grad_accum, lr=self.lr,
-                           warmup_steps=min(self.warmup_steps, self.steps - 1), precision=self.precision,
-                           zero_stage=self.zero_stage, seed=self.seed, checkpoint_every=self.checkpoint_every,
-                           keep_checkpoints=2, eval_every=self.eval_every, curriculum_start=1.0)
+        return engine_config(self)
 
 
 @dataclass

@@ -216,10 +216,17 @@ class FinetuneConfig:
         require(self.precision in PRECISIONS, f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, micro_batch=self.micro_batch, grad_accum=self.grad_accum, lr=self.lr,
-                           warmup_steps=min(self.warmup_steps, self.steps - 1), precision=self.precision,
-                           zero_stage=self.zero_stage, seed=self.seed, checkpoint_every=self.checkpoint_every,
-                           keep_checkpoints=2, eval_every=self.eval_every, curriculum_start=1.0)
+        return engine_config(self)
+
+
+def engine_config(stage) -> TrainConfig:
+    """The engine's TrainConfig for a later stage (finetune, distill) from its own config's
+    steps, batch, lr, warm-up, precision, ZeRO stage, seed and checkpoint/eval cadence: every row
+    from the start (no curriculum), two checkpoints kept."""
+    return TrainConfig(steps=stage.steps, micro_batch=stage.micro_batch, grad_accum=stage.grad_accum, lr=stage.lr,
+                       warmup_steps=min(stage.warmup_steps, stage.steps - 1), precision=stage.precision,
+                       zero_stage=stage.zero_stage, seed=stage.seed, checkpoint_every=stage.checkpoint_every,
+                       keep_checkpoints=2, eval_every=stage.eval_every, curriculum_start=1.0)
 
 
 @dataclass
