@@ -4,18 +4,20 @@ through the CLI on real DeepSpeed (tiny preset, subprocesses)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from distillery_cli import cli, ok
 from safetensors.torch import load_file
 
 from components.compress.config import DistillConfig
-from components.compress.distill import distill_kl, kept_blocks, prune_from_teacher, student_config
+from components.compress.distill import (
+    distill_kl,
+    kept_blocks,
+    prune_from_teacher,
+    student_config,
+)
 from components.compress.quantize import QuantLinear
 from components.config import ConfigError
 from components.data.config import GenerateConfig
@@ -25,8 +27,6 @@ from components.model import ModelConfig, Transformer
 from components.train.batches import IGNORE
 from components.train.pretrained import load_model
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 TEACHER = ModelConfig(vocab_size=97, n_layer=4, n_head=2, n_embd=32, block_size=24)
 
 
@@ -86,15 +86,6 @@ def test_kl_is_zero_for_equal_logits_masks_ignored_tokens_and_matches_kl_div():
     targets[1] = 1
     torch.testing.assert_close(distill_kl(s, t, targets, torch.tensor([1.0, 0.0]), 2.0), want[0].mean())
 
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args, "--preset", "tiny"], env=ENV,
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
 
 
 def test_distill_then_quantize_through_the_cli(tmp_path):

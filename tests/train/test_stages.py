@@ -4,7 +4,6 @@ with growth), exact resume of a GRPO run, finetune with frozen layers, evaluate,
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,24 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from distillery_cli import ENV, REPO, cli, ok
 from safetensors.torch import load_file
 
 from components.data.config import GenerateConfig
 from components.data.generate import generate
 from components.data.load import write_jsonl
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args, "--preset", "tiny"], env=ENV,
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
