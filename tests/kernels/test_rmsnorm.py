@@ -1,33 +1,17 @@
 """Fused RMSNorm against the plain PyTorch reference, forward and both gradients, at small and odd
 shapes and each dtype with its tolerance. On the CPU the kernels run under TRITON_INTERPRET=1
-(set while kernels.rmsnorm is imported); on a GPU the same tests run the compiled kernels."""
+(tests/kernels/kernel_env.py); on a GPU the same tests run the compiled kernels."""
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-import pytest  # noqa: E402
+from kernel_env import DEVICE, interpreted
 
-_before = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():  # triton.jit reads it when the kernel is defined: only these kernels interpret
-    os.environ["TRITON_INTERPRET"] = "1"
-from kernels.rmsnorm import RMSNormFunction, rms_norm_backward, rms_norm_forward, rms_norm_reference  # noqa: E402
+with interpreted():
+    from kernels.rmsnorm import RMSNormFunction, rms_norm_backward, rms_norm_forward, rms_norm_reference
 
-if _before is None:  # the other suites' subprocesses (DeepSpeed...) do not inherit it
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _before
-
-
-@pytest.fixture(autouse=True)
-def interpret_on_cpu(monkeypatch):
-    """Triton also reads TRITON_INTERPRET at launch: set it for each test of this module only."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
        torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 SHAPES = [(1, 1), (3, 7), (2, 5, 48), (17, 128), (4, 3, 130)]
