@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from components.config import require
 
 ATTENTIONS = ("dense", "hybrid")
+KERNELS = ("auto", "on", "off")
 FFNS = ("dense", "moe")
 
 
@@ -58,6 +59,10 @@ class ModelConfig:
     """Epsilon of RMSNorm."""
     tie_embeddings: bool = True
     """The output head shares its weight with the token embedding."""
+    kernels: str = "auto"
+    """Triton kernels (kernels/) for RMSNorm, RoPE, the hybrid attention, the MoE experts and the
+    fused linear + cross-entropy loss: "auto" uses them on CUDA tensors and PyTorch elsewhere, "on"
+    always (on a CPU only under TRITON_INTERPRET=1), "off" never. See components/model/fused.py."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of storing them (training only)."""
 
@@ -78,6 +83,7 @@ class ModelConfig:
         require(self.n_embd % self.n_head == 0, f"n_embd: {self.n_embd} is not divisible by n_head {self.n_head}")
         require(self.head_dim % 2 == 0, f"n_head: head dimension {self.head_dim} must be even for RoPE")
         require(self.attention in ATTENTIONS, f"attention: {self.attention!r} is not one of {', '.join(ATTENTIONS)}")
+        require(self.kernels in KERNELS, f"kernels: {self.kernels!r} is not one of {', '.join(KERNELS)}")
         require(self.ffn in FFNS, f"ffn: {self.ffn!r} is not one of {', '.join(FFNS)}")
         require(self.window >= 1, "window: must be at least 1")
         require(self.block >= 1, "block: must be at least 1")

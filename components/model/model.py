@@ -21,16 +21,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from components.model import fused
 from components.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, kernels: str = "off"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernels = eps, kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.active(self.kernels, x):
+            return fused.rms_norm(x, self.weight, self.eps)  # kernels/rmsnorm.py, the same formula
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
@@ -136,7 +139,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         self.attention, self.window, self.block, self.top_k = cfg.attention, cfg.window, cfg.block, cfg.top_k_blocks
-        self.dropout = cfg.dropout
+        self.dropout, self.kernels = cfg.dropout, cfg.kernels
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -149,7 +152,10 @@ class CausalSelfAttention(nn.Module):
         start = cache.length if cache is not None else 0
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
+        if fused.active(self.kernels, x):  # kernels/rope.py
+            q, k = fused.rope(q, cos, sin, start), fused.rope(k, cos, sin, start)
+        else:
+            q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, start+T, D)
         p = self.dropout if self.training else 0.0
@@ -241,9 +247,9 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.ln_1 = RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.kernels)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.ln_2 = RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.kernels)
         self.ffn = MoE(cfg) if cfg.ffn == "moe" else SwiGLU(cfg.n_embd, cfg.hidden)
         self.ffn_dropout = nn.Dropout(cfg.dropout)
 
@@ -265,7 +271,7 @@ class Transformer(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.ln_f = RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.kernels)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
