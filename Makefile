@@ -16,7 +16,7 @@ export DVC_NO_ANALYTICS := 1
 export DS_ACCELERATOR := cpu
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-slow bench compile clean
+.PHONY: run test test-slow bench bench-kernels compile clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test-slow: $(STAMP)  ## the slow suites only
 
 bench: $(STAMP)  ## every benchmark script, each printing its table
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python benchmarks/kernels/run_all.py
+
+bench-kernels: $(STAMP)  ## the Triton kernel benchmarks only (full sizes on a GPU; tiny, interpreted, on a CPU)
+	$(BIN)/python benchmarks/kernels/run_all.py
 
 compile: $(STAMP)  ## the IR YAML that the Kubeflow UI uploads
 	$(BIN)/distillery compile --preset $(PRESET) --out pipeline.yaml
