@@ -13,6 +13,10 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from kernel_env import import_triton_interpreted  # noqa: E402
+
+import_triton_interpreted()  # before any test imports triton another way (tests/kernel_env.py says why)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
