@@ -33,7 +33,7 @@ from components.artifacts import finish, sha256_file
 from components.compress.config import DistillConfig
 from components.config import ConfigError
 from components.data.load import DataError
-from components.model import ModelConfig, Transformer
+from components.model import ModelConfig, Transformer, fused
 from components.train.base import row_text
 from components.train.batches import IGNORE, RowBatches
 from components.train.engine import train
@@ -105,10 +105,18 @@ class Distillation:
         accum = engine.gradient_accumulation_steps()
         for micro in range(accum):
             b = self.batches.get(step, micro * world + rank)
-            logits, ce = engine(b.idx, b.targets, b.weights)  # (B, T, V), weighted token mean
-            with torch.no_grad():
-                t_logits, _ = self.teacher(b.idx)
-            kl = distill_kl(logits, t_logits, b.targets, b.weights, self.t)
+            if fused.active(engine.module.cfg.kernels, b.idx):  # kernels/fused_linear_ce.py: no (B, T, V) logits
+                h, ce = engine(b.idx, b.targets, b.weights, output="hidden")  # (B, T, C), weighted token mean
+                with torch.no_grad():
+                    h_t, _ = self.teacher(b.idx, output="hidden")
+                kl = fused.linear_kl(h.flatten(0, 1), engine.module.lm_head.weight, h_t.flatten(0, 1),
+                                     self.teacher.lm_head.weight, b.targets.flatten(),
+                                     b.weights.float().view(-1, 1).expand_as(b.targets).flatten(), self.t, IGNORE)
+            else:
+                logits, ce = engine(b.idx, b.targets, b.weights)  # (B, T, V), weighted token mean
+                with torch.no_grad():
+                    t_logits, _ = self.teacher(b.idx)
+                kl = distill_kl(logits, t_logits, b.targets, b.weights, self.t)
             loss = self.alpha * self.t ** 2 * kl + (1 - self.alpha) * ce
             engine.backward(loss)
             engine.step()

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from components.model import ModelConfig, Transformer
+from components.model import ModelConfig, Transformer, fused
 from components.model.model import LayerCache
 
 FORMAT = "distillery-int8/1"
@@ -56,15 +56,18 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None].float()
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (..., in) @ (q * scale[:, None])^T with q int8 (out, in): PyTorch's fused weight-only
-    kernel where it is exact; a plain matmul with the dequantized weight while tracing for ONNX
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernels: str = "auto") -> torch.Tensor:
+    """x (..., in) @ (q * scale[:, None])^T with q int8 (out, in): the Triton GEMV/GEMM of
+    kernels/int8_matmul.py where `kernels` (the model's switch) says so, on CUDA by default;
+    otherwise PyTorch's fused weight-only kernel where it is exact; a plain matmul with the dequantized weight while tracing for ONNX
     (the exporter has no int8pack op; the int8 weights stay int8 in the graph). bf16 on the CPU
     runs the kernel in fp32: torch 2.13's CPU kernel is wrong for bf16 when `in` is not a
     multiple of 16."""
     shape, dtype = x.shape, x.dtype
     if torch.compiler.is_exporting():
         return F.linear(x, q.to(dtype) * scale.to(dtype)[:, None])
+    if fused.active(kernels, x):
+        return fused.int8_matmul(x, q, scale)
     flat = x.reshape(-1, shape[-1]).contiguous()  # (N, in)
     if flat.dtype not in (torch.float32, torch.float16) or flat.device.type == "cpu" and flat.dtype != torch.float32:
         flat = flat.float()
@@ -89,6 +92,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
+        self.kernels = "auto"  # the model's switch (ModelConfig.kernels), set by swap_modules
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> QuantLinear:
@@ -99,7 +103,7 @@ class QuantLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.weight_int8, self.scale)
+        return int8_matmul(x, self.weight_int8, self.scale, self.kernels)
 
     def _apply(self, fn, recurse=True):
         return _keep_fp32_scale(self, super()._apply, fn, recurse)
@@ -132,10 +136,11 @@ class TiedQuantHead(nn.Module):
     def __init__(self, embedding: QuantEmbedding):
         super().__init__()
         self._emb = [embedding]  # a list: not a submodule, so its buffers are saved once, under wte
+        self.kernels = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         emb = self._emb[0]
-        return int8_matmul(x, emb.weight_int8, emb.scale)
+        return int8_matmul(x, emb.weight_int8, emb.scale, self.kernels)
 
 
 class Int8LayerCache(LayerCache):
@@ -188,6 +193,7 @@ def swap_modules(model: Transformer, names: list[str], embedding: bool, kv_cache
     the weights they hold now; set the KV cache class. In place; returns the model."""
     for name in names:
         _set(model, name, QuantLinear.from_linear(model.get_submodule(name)))
+        model.get_submodule(name).kernels = model.cfg.kernels
     if embedding:
         if not model.cfg.tie_embeddings:
             from components.config import ConfigError
@@ -197,6 +203,7 @@ def swap_modules(model: Transformer, names: list[str], embedding: bool, kv_cache
         emb = QuantEmbedding(model.cfg.vocab_size, model.cfg.n_embd)
         emb.weight_int8, emb.scale = quantize_rows(model.wte.weight)
         model.wte, model.lm_head = emb, TiedQuantHead(emb)
+        model.lm_head.kernels = model.cfg.kernels
     if kv_cache:
         model.cache_layer = Int8LayerCache
     return model

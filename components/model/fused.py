@@ -17,7 +17,8 @@ import os
 
 import torch
 
-MODES = ("auto", "on", "off")
+HYBRID_HEAD_DIMS = (16, 32, 64, 128)
+"""Head dimensions the hybrid-attention kernel takes; others (and decoding, dropout) stay on PyTorch."""
 
 
 def active(mode: str, x: torch.Tensor) -> bool:
@@ -44,3 +45,44 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0) 
     from kernels.rope import RoPEFunction
 
     return RoPEFunction.apply(x, cos, sin, start)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         token_weights: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """The model's weighted-mean cross-entropy of h (N, C) @ weight (V, C)^T, never forming the logits."""
+    from kernels.fused_linear_ce import fused_linear_cross_entropy
+
+    return fused_linear_cross_entropy(h, weight, targets, token_weights, ignore_index=ignore_index)
+
+
+def linear_kl(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor, targets: torch.Tensor,
+              token_weights: torch.Tensor | None, temperature: float, ignore_index: int) -> torch.Tensor:
+    """Distillation's KL(teacher || student) at `temperature` from the hidden states, never forming logits."""
+    from kernels.fused_linear_ce import fused_linear_kl
+
+    return fused_linear_kl(h_s, w_s, h_t, w_t, targets, token_weights, temperature, ignore_index=ignore_index)
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ (q * scale[:, None])^T for an int8 weight q (N, K), dequantized in registers."""
+    from kernels.int8_matmul import int8_weight_matmul
+
+    return int8_weight_matmul(x, q, scale)
+
+
+def moe_experts(x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, experts) -> torch.Tensor:
+    """sum over each token's k routed SwiGLU experts of gate * expert(x), for x (N, C), idx and gates
+    (N, k). The experts' weights are stacked per call (gradients flow back through the stack)."""
+    from kernels.moe import moe_experts as grouped
+
+    stack = lambda name: torch.stack([getattr(e, name).weight for e in experts])  # noqa: E731
+    return grouped(x, idx, gates, stack("w_gate"), stack("w_up"), stack("c_proj"), check_ids=False)
+
+
+def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int,
+                     top_k: int) -> torch.Tensor:
+    """The hybrid sparse attention of a whole sequence, q, k, v (B, H, T, D) -> (B, H, T, D), without
+    the (T, T) mask: the sliding window plus each query's top_k selected earlier key blocks."""
+    from kernels.hybrid_attention import HybridAttentionFunction
+
+    return HybridAttentionFunction.apply(q, k, v, window, block, top_k)

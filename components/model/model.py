@@ -161,6 +161,8 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.attention == "dense" and start == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, D)
+        elif start == 0 and p == 0.0 and self.head_dim in fused.HYBRID_HEAD_DIMS and fused.active(self.kernels, x):
+            y = fused.hybrid_attention(q, k, v, self.window, self.block, self.top_k)  # kernels/hybrid_attention.py
         else:
             with torch.no_grad():
                 if self.attention == "dense":  # new queries see every cached key and the causal part of theirs
@@ -198,7 +200,7 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.top_k, self.bias_update = cfg.expert_top_k, cfg.moe_bias_update
+        self.top_k, self.bias_update, self.kernels = cfg.expert_top_k, cfg.moe_bias_update, cfg.kernels
         self.router = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(cfg.n_embd, cfg.hidden) for _ in range(cfg.n_experts))
         self.shared = SwiGLU(cfg.n_embd, cfg.hidden) if cfg.shared_expert else None
@@ -218,6 +220,15 @@ class MoE(nn.Module):
         idx, gates = self.route(flat)  # (N, k)
         with torch.no_grad():
             self.load.copy_(torch.bincount(idx.flatten(), minlength=len(self.experts)))
+        if type(self.experts[0].w_gate) is nn.Linear and fused.active(self.kernels, x):  # kernels/moe.py (not INT8)
+            out = fused.moe_experts(flat, idx, gates, self.experts)
+        else:
+            out = self._experts_loop(flat, idx, gates)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(B, T, C)
+
+    def _experts_loop(self, flat: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             tok, slot = (idx == e).nonzero(as_tuple=True)  # tokens routed to e, and in which of their k slots
@@ -225,9 +236,7 @@ class MoE(nn.Module):
                 continue
             y = expert(flat.index_select(0, tok)) * gates[tok, slot, None].type_as(flat)  # (n_e, C)
             out = out.index_add(0, tok, y)
-        if self.shared is not None:
-            out = out + self.shared(flat)
-        return out.view(B, T, C)
+        return out
 
     @torch.no_grad()
     def update_router_bias(self) -> None:
@@ -301,8 +310,13 @@ class Transformer(nn.Module):
         loss_weights: torch.Tensor | None = None,
         ignore_index: int = -100,
         cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        output: str = "logits",
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V) for token ids idx (B, T); with targets (B, T), also the loss.
+
+        `output` picks the first of the pair: "logits"; "loss" (None: with the kernels on, the loss
+        then comes from the fused linear + cross-entropy, and the (B*T, V) logits never exist);
+        "hidden" (the final normed hidden states (B, T, C), for a fused loss outside, e.g. distillation).
 
         With a `cache` (inference), idx continues the cached sequence: its tokens sit at positions
         cache.length .. cache.length+T-1 and their keys and values are appended to the cache.
@@ -324,17 +338,25 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False)
             else:
                 x = block(x, self.rope_cos, self.rope_sin)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        h = self.ln_f(x)  # (B, T, C)
+        token_w = None if loss_weights is None else loss_weights.float().view(B, 1).expand(B, T)  # (B, T)
+        if targets is not None and output != "logits" and type(self.lm_head) is nn.Linear \
+                and fused.active(self.cfg.kernels, h):  # kernels/fused_linear_ce.py
+            loss = fused.linear_cross_entropy(h.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T),
+                                              None if token_w is None else token_w.reshape(B * T), ignore_index)
+            return (h if output == "hidden" else None), loss
+        logits = self.lm_head(h)  # (B, T, V)
+        first = {"logits": logits, "loss": None, "hidden": h}[output]
         if targets is None:
-            return logits, None
+            return first, None
         ce = F.cross_entropy(
             logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=ignore_index, reduction="none"
         ).view(B, T)
         w = (targets != ignore_index).float()  # (B, T)
-        if loss_weights is not None:
-            w = w * loss_weights.float().view(B, 1)
+        if token_w is not None:
+            w = w * token_w
         loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
-        return logits, loss
+        return first, loss
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]

@@ -69,7 +69,7 @@ class LanguageModeling:
         accum = engine.gradient_accumulation_steps()
         for micro in range(accum):
             b = self.batches.get(step, micro * world + rank)  # each rank its own micro-batches
-            _, loss = engine(b.idx, b.targets, b.weights)
+            _, loss = engine(b.idx, b.targets, b.weights, output="loss")  # fused linear + CE on CUDA
             engine.backward(loss)
             engine.step()
             tokens += b.tokens
@@ -154,7 +154,7 @@ def evaluate(engine, batches: Batches, n: int) -> float:
     losses = []
     for i in range(n):
         b = batches.get(i)
-        _, loss = engine(b.idx, b.targets)
+        _, loss = engine(b.idx, b.targets, output="loss")
         losses.append(float(loss))
     engine.train()
     return sum(losses) / len(losses)
