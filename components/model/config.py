@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from components.config import require
 
 ATTENTIONS = ("dense", "hybrid")
-KERNELS = ("auto", "on", "off")
+KERNELS = ("auto", "triton", "torch")
 FFNS = ("dense", "moe")
 
 
@@ -61,8 +61,8 @@ class ModelConfig:
     """The output head shares its weight with the token embedding."""
     kernels: str = "auto"
     """Triton kernels (kernels/) for RMSNorm, RoPE, the hybrid attention, the MoE experts and the
-    fused linear + cross-entropy loss: "auto" uses them on CUDA tensors and PyTorch elsewhere, "on"
-    always (on a CPU only under TRITON_INTERPRET=1), "off" never. See components/model/fused.py."""
+    fused linear + cross-entropy loss: "auto" uses them on CUDA tensors and PyTorch elsewhere,
+    "triton" always (on a CPU only under TRITON_INTERPRET=1), "torch" never. See components/model/fused.py."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of storing them (training only)."""
 

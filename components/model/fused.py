@@ -2,9 +2,9 @@
 
 `ModelConfig.kernels` picks, per call, from the tensor at hand:
 
-    "auto"  the kernels when the tensor is on a CUDA device, PyTorch otherwise (the default)
-    "on"    always the kernels: on a CPU only under TRITON_INTERPRET=1 (tests; slow)
-    "off"   always PyTorch
+    "auto"    the kernels when the tensor is on a CUDA device, PyTorch otherwise (the default)
+    "triton"  always the kernels: on a CPU only under TRITON_INTERPRET=1 (tests; slow)
+    "torch"   always PyTorch
 
 The kernel modules are imported on first use, so a CPU run never imports triton. Each function
 here takes the same arguments as the PyTorch op it replaces in model.py, and tests/kernels/
@@ -23,14 +23,14 @@ HYBRID_HEAD_DIMS = (16, 32, 64, 128)
 
 def active(mode: str, x: torch.Tensor) -> bool:
     """Whether the kernels run for tensor x under `mode`."""
-    if mode == "off":
+    if mode == "torch":
         return False
     if x.is_cuda:
         return True
-    if mode == "on":
+    if mode == "triton":
         if os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("model.kernels: 'on' needs a CUDA device, or TRITON_INTERPRET=1 to run the "
-                               "Triton kernels interpreted on the CPU (slow; for tests). Use 'auto' or 'off'.")
+            raise RuntimeError("model.kernels: 'triton' needs a CUDA device, or TRITON_INTERPRET=1 to run the "
+                               "Triton kernels interpreted on the CPU (slow; for tests). Use 'auto' or 'torch'.")
         return True
     return False
 

@@ -1,6 +1,6 @@
-"""The model's two paths, Triton kernels (kernels="on", interpreted on the CPU) and plain PyTorch
-(kernels="off"), give the same logits, loss and gradients of every parameter; "auto" picks
-PyTorch on the CPU; "on" without CUDA or the interpreter is a clear error."""
+"""The model's two paths, Triton kernels (kernels="triton", interpreted on the CPU) and plain PyTorch
+(kernels="torch"), give the same logits, loss and gradients of every parameter; "auto" picks
+PyTorch on the CPU; "triton" without CUDA or the interpreter is a clear error."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ VARIANTS = [dict(attention="dense", ffn="dense"), dict(attention="dense", ffn="m
 def _pair(**kw) -> tuple[Transformer, Transformer]:
     torch.manual_seed(0)
     cfg = dict(vocab_size=61, n_layer=2, n_head=2, n_embd=32, block_size=24) | kw
-    on = Transformer(ModelConfig(kernels="on", **cfg)).to(DEVICE)
-    off = Transformer(ModelConfig(kernels="off", **cfg)).to(DEVICE)
+    on = Transformer(ModelConfig(kernels="triton", **cfg)).to(DEVICE)
+    off = Transformer(ModelConfig(kernels="torch", **cfg)).to(DEVICE)
     off.load_state_dict(on.state_dict())
     return on, off
 
@@ -89,11 +89,11 @@ def test_cached_decoding_matches_with_kernels():
 
 def test_auto_uses_pytorch_on_the_cpu_and_on_without_a_gpu_is_a_clear_error(monkeypatch):
     x = torch.zeros(2)
-    assert not fused.active("auto", x) and not fused.active("off", x)
+    assert not fused.active("auto", x) and not fused.active("torch", x)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="'on' needs a CUDA device"):
-        fused.active("on", x)
-    with pytest.raises(ValueError, match="kernels: 'fast' is not one of auto, on, off"):
+    with pytest.raises(RuntimeError, match="'triton' needs a CUDA device"):
+        fused.active("triton", x)
+    with pytest.raises(ValueError, match="kernels: 'fast' is not one of auto, triton, torch"):
         ModelConfig(kernels="fast").check()
 
 
@@ -104,7 +104,7 @@ def test_int8_model_uses_the_int8_kernel_with_the_same_result():
     on, off = _pair()
     q_on, _ = quantize_model(on, True, True)
     q_off, _ = quantize_model(off, True, True)
-    assert {m.kernels for m in q_on.modules() if isinstance(m, QuantLinear)} == {"on"}
+    assert {m.kernels for m in q_on.modules() if isinstance(m, QuantLinear)} == {"triton"}
     idx = torch.randint(0, 61, (3, 11), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(q_on(idx)[0], q_off(idx)[0], rtol=1e-4, atol=1e-5)
