@@ -2,46 +2,32 @@
 loss, distill_kl), loss and every gradient, at small and odd shapes (V not a multiple of the tile,
 ignored targets, zero and non-uniform token weights) and each dtype with its tolerance; plus
 properties that do not go through a reference (CE = log V at h = 0, KL = 0 for student = teacher).
-On the CPU the kernels run under TRITON_INTERPRET=1 (set while kernels.fused_linear_ce is imported);
+On the CPU the kernels run under TRITON_INTERPRET=1 (tests/kernel_env.py);
 on a GPU the same tests run the compiled kernels."""
 
 from __future__ import annotations
 
 import math
-import os
 
+import pytest
 import torch
 
-import pytest  # noqa: E402
+from kernel_env import DEVICE, interpreted
 
-_before = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():  # triton.jit reads it when the kernel is defined: only these kernels interpret
-    os.environ["TRITON_INTERPRET"] = "1"
-from kernels.fused_linear_ce import (  # noqa: E402
-    FusedLinearCrossEntropyFunction,
-    FusedLinearKLFunction,
-    fused_linear_cross_entropy,
-    fused_linear_kl,
-    linear_backward,
-    linear_ce_forward,
-    linear_cross_entropy_reference,
-    linear_kl_reference,
-)
-
-if _before is None:  # the other suites' subprocesses (DeepSpeed...) do not inherit it
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _before
+with interpreted():
+    from kernels.fused_linear_ce import (
+        FusedLinearCrossEntropyFunction,
+        FusedLinearKLFunction,
+        fused_linear_cross_entropy,
+        fused_linear_kl,
+        linear_backward,
+        linear_ce_forward,
+        linear_cross_entropy_reference,
+        linear_kl_reference,
+    )
 
 
-@pytest.fixture(autouse=True)
-def interpret_on_cpu(monkeypatch):
-    """Triton also reads TRITON_INTERPRET at launch: set it for each test of this module only."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # loss: relative; gradients: relative to the largest entry of the reference gradient (they scale as 1/N).
 # 16-bit: the reference rounds the logits to the dtype before .float() and multiplies in the dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}

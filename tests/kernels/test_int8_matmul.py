@@ -1,38 +1,22 @@
 """INT8 weight-only matmul (the dequantization fused) against the plain PyTorch reference and
 against components.compress.quantize.int8_matmul (torch's `_weight_int8pack_mm`), at odd K and N,
 M from 1 (GEMV) to 33 (GEMM), 3-D x, each dtype with its tolerance; plus exact properties that do
-not go through any reference. On the CPU the kernels run under TRITON_INTERPRET=1 (set while
-kernels.int8_matmul is imported); on a GPU the same tests run the compiled kernels."""
+not go through any reference. On the CPU the kernels run under TRITON_INTERPRET=1 (tests/kernel_env.py); on a GPU the same tests run the compiled kernels."""
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-import pytest  # noqa: E402
+from kernel_env import DEVICE, interpreted
 
-_before = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():  # triton.jit reads it when the kernel is defined: only these kernels interpret
-    os.environ["TRITON_INTERPRET"] = "1"
-from kernels.int8_matmul import (int8_matmul_reference, int8_to_float, int8_weight_matmul,  # noqa: E402
-                                 int8_weight_matmul_forward)
+with interpreted():
+    from kernels.int8_matmul import (int8_matmul_reference, int8_to_float, int8_weight_matmul,
+                                     int8_weight_matmul_forward)
 
-if _before is None:  # the other suites' subprocesses (DeepSpeed...) do not inherit it
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _before
-
-from components.compress.quantize import int8_matmul, quantize_rows  # noqa: E402
+from components.compress.quantize import int8_matmul, quantize_rows
 
 
-@pytest.fixture(autouse=True)
-def interpret_on_cpu(monkeypatch):
-    """Triton also reads TRITON_INTERPRET at launch: set it for each test of this module only."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16: one output ulp (2^-8 relative) plus the reference's rounding of W to bf16; the CPU
 # interpreter also truncates fp32 -> bf16 casts where torch rounds
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),

@@ -1,41 +1,26 @@
 """MoE token permutation and grouped expert matmuls against the model's loop over experts: output
 and every gradient (x, gates, the three weight stacks) at small and odd shapes, each dtype, skewed
 routing, the model's MoE end to end, and properties that need no reference. On the CPU the kernels
-run under TRITON_INTERPRET=1 (set while kernels.moe is imported); on a GPU the same tests run the
+run under TRITON_INTERPRET=1 (tests/kernel_env.py); on a GPU the same tests run the
 compiled kernels."""
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-import pytest  # noqa: E402
+from kernel_env import DEVICE, interpreted
 
-_before = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():  # triton.jit reads it when the kernel is defined: only these kernels interpret
-    os.environ["TRITON_INTERPRET"] = "1"
-from kernels.moe import (  # noqa: E402
-    combine_rows, grouped_mm, grouped_mm_weight_grad, moe_experts, moe_experts_reference, moe_permutation,
-    permute_rows,
-)
+with interpreted():
+    from kernels.moe import (
+        combine_rows, grouped_mm, grouped_mm_weight_grad, moe_experts, moe_experts_reference, moe_permutation,
+        permute_rows,
+    )
 
-if _before is None:  # the other suites' subprocesses (DeepSpeed...) do not inherit it
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _before
-
-from components.model.config import ModelConfig  # noqa: E402
-from components.model.model import MoE  # noqa: E402
+from components.model.config import ModelConfig
+from components.model.model import MoE
 
 
-@pytest.fixture(autouse=True)
-def interpret_on_cpu(monkeypatch):
-    """Triton also reads TRITON_INTERPRET at launch: set it for each test of this module only."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # max |got - want| <= TOL * max |want|, with want computed in fp32 from the same (rounded) inputs
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
