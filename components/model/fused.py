@@ -21,6 +21,12 @@ HYBRID_HEAD_DIMS = (16, 32, 64, 128)
 """Head dimensions the hybrid-attention kernel takes; others (and decoding, dropout) stay on PyTorch."""
 
 
+def hybrid_supported(q: torch.Tensor) -> bool:
+    """Whether the hybrid-attention kernel takes q (B, H, T, D): a head dim it has tiles for, and on a
+    GPU 16-bit (fp32 compiles to exact-fp32 FMA loops that spill on sm_90; PyTorch is the better path)."""
+    return q.size(-1) in HYBRID_HEAD_DIMS and not (q.is_cuda and q.dtype == torch.float32)
+
+
 def active(mode: str, x: torch.Tensor) -> bool:
     """Whether the kernels run for tensor x under `mode`."""
     if mode == "torch":

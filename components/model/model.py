@@ -161,7 +161,7 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.attention == "dense" and start == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, D)
-        elif start == 0 and p == 0.0 and self.head_dim in fused.HYBRID_HEAD_DIMS and fused.active(self.kernels, x):
+        elif start == 0 and p == 0.0 and fused.hybrid_supported(q) and fused.active(self.kernels, x):
             y = fused.hybrid_attention(q, k, v, self.window, self.block, self.top_k)  # kernels/hybrid_attention.py
         else:
             with torch.no_grad():
