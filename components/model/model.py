@@ -326,6 +326,8 @@ class Transformer(nn.Module):
         Weights are relative within the batch: all-ones gives the plain token mean, a zero
         removes the sequence.
         """
+        if output not in ("logits", "loss", "hidden"):
+            raise ValueError(f"output: {output!r} is not one of logits, loss, hidden")
         B, T = idx.shape
         end = T + (cache.length if cache is not None else 0)
         assert end <= self.cfg.block_size, f"sequence of {end} tokens is longer than block_size {self.cfg.block_size}"

@@ -65,6 +65,8 @@ def test_the_fused_loss_needs_no_logits_and_gives_the_same_loss_and_gradients():
     _same_grads(on, off)
     h, _ = on(idx, output="hidden")
     assert h.shape == (2, 19, 32)
+    with pytest.raises(ValueError, match="output: 'probs' is not one of logits, loss, hidden"):
+        on(idx, output="probs")
 
 
 def test_the_fused_distillation_kl_equals_distill_kl():
