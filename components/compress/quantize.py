@@ -59,8 +59,9 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernels: str = "auto") -> torch.Tensor:
     """x (..., in) @ (q * scale[:, None])^T with q int8 (out, in): the Triton GEMV/GEMM of
     kernels/int8_matmul.py where `kernels` (the model's switch) says so, on CUDA by default;
-    otherwise PyTorch's fused weight-only kernel where it is exact; a plain matmul with the dequantized weight while tracing for ONNX
-    (the exporter has no int8pack op; the int8 weights stay int8 in the graph). bf16 on the CPU
+    otherwise PyTorch's fused weight-only kernel where it is exact; a plain matmul with the
+    dequantized weight while tracing for ONNX (the exporter has no int8pack op; the int8 weights
+    stay int8 in the graph). bf16 on the CPU
     runs the kernel in fp32: torch 2.13's CPU kernel is wrong for bf16 when `in` is not a
     multiple of 16."""
     shape, dtype = x.shape, x.dtype

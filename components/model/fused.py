@@ -17,18 +17,20 @@ import os
 
 import torch
 
-HYBRID_HEAD_DIMS = (16, 32, 64, 128)
-"""Head dimensions the hybrid-attention kernel takes; others (and decoding, dropout) stay on PyTorch."""
-
 
 def hybrid_supported(q: torch.Tensor) -> bool:
     """Whether the hybrid-attention kernel takes q (B, H, T, D): a head dim it has tiles for, and on a
-    GPU 16-bit (fp32 compiles to exact-fp32 FMA loops that spill on sm_90; PyTorch is the better path)."""
-    return q.size(-1) in HYBRID_HEAD_DIMS and not (q.is_cuda and q.dtype == torch.float32)
+    GPU 16-bit (fp32 compiles to exact-fp32 FMA loops that spill on sm_90; PyTorch is the better path).
+    Other head dims, decoding and dropout stay on PyTorch. Ask after `active` (this imports triton)."""
+    from kernels.hybrid_attention import HEAD_DIMS
+
+    return q.size(-1) in HEAD_DIMS and not (q.is_cuda and q.dtype == torch.float32)
 
 
 def active(mode: str, x: torch.Tensor) -> bool:
     """Whether the kernels run for tensor x under `mode`."""
+    if mode not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernels: {mode!r} is not one of auto, triton, torch")
     if mode == "torch":
         return False
     if x.is_cuda:

@@ -26,7 +26,7 @@ from components.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6, kernels: str = "off"):
+    def __init__(self, dim: int, eps: float = 1e-6, kernels: str = "torch"):
         super().__init__()
         self.eps, self.kernels = eps, kernels
         self.weight = nn.Parameter(torch.ones(dim))
@@ -161,7 +161,7 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.attention == "dense" and start == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, D)
-        elif start == 0 and p == 0.0 and fused.hybrid_supported(q) and fused.active(self.kernels, x):
+        elif start == 0 and p == 0.0 and fused.active(self.kernels, x) and fused.hybrid_supported(q):
             y = fused.hybrid_attention(q, k, v, self.window, self.block, self.top_k)  # kernels/hybrid_attention.py
         else:
             with torch.no_grad():

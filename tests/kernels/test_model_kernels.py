@@ -95,6 +95,8 @@ def test_auto_uses_pytorch_on_the_cpu_and_on_without_a_gpu_is_a_clear_error(monk
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="'triton' needs a CUDA device"):
         fused.active("triton", x)
+    with pytest.raises(ValueError, match="kernels: 'off' is not one of auto, triton, torch"):
+        fused.active("off", x)
     with pytest.raises(ValueError, match="kernels: 'fast' is not one of auto, triton, torch"):
         ModelConfig(kernels="fast").check()
 
