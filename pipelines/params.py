@@ -21,6 +21,7 @@ from components.model import ModelConfig
 from components.registry.config import RegistryConfig
 from components.serve.config import ServeConfig
 from components.train.config import EvaluateConfig, FinetuneConfig, ReinforceConfig, TokenizerConfig, TrainConfig
+from pipelines.cluster import ClusterConfig
 
 REPO_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 
@@ -59,6 +60,9 @@ class PipelineParams:
     """Triton: the model repository export, the local server, serve.check and the load test."""
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     """The GTO model registry and the promotion gate."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Kubernetes: GPUs, volumes, secrets, retries of the compiled pipeline and the training job
+    (compile and render time only; a local run ignores it)."""
 
     def as_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -37,7 +37,15 @@ class TrainConfig:
     """bf16 (mixed precision, the CPU and GPU default), fp32, or fp16 with dynamic loss scaling
     (DeepSpeed runs fp16 on GPUs only; on a CPU it is refused with a clear error)."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states) or 2 (and gradients)."""
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states) or 2 (and gradients).
+    With pipeline or tensor parallelism, 0 or 1 (DeepSpeed's pipeline engine takes no more)."""
+    pipeline_parallel: int = 1
+    """pp: pipeline stages (DeepSpeed PipelineModule; the blocks split evenly by parameters).
+    The launcher's world size must be a multiple of pp * tensor_parallel; dp = world / (pp * tp)."""
+    tensor_parallel: int = 1
+    """tp: ranks sharing each linear layer (Megatron column/row parallel; heads and the feed-forward's
+    hidden split, vocabulary-parallel embedding and loss). It must divide n_head, the hidden width
+    and the vocabulary size."""
     seed: int = 0
     """Seeds the model's initialisation and the batch sampler (batch k depends only on seed, k)."""
     checkpoint_every: int = 50
@@ -68,6 +76,11 @@ class TrainConfig:
         require(0 <= self.warmup_steps < self.steps or self.steps == 1, "warmup_steps: must be below steps")
         require(self.precision in PRECISIONS, f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         require(self.zero_stage in (0, 1, 2), "zero_stage: must be 0, 1 or 2 (stage 3 is not supported)")
+        require(self.pipeline_parallel >= 1 and self.tensor_parallel >= 1,
+                "pipeline_parallel and tensor_parallel: must be at least 1")
+        require(self.zero_stage <= 1 or self.pipeline_parallel * self.tensor_parallel == 1,
+                "zero_stage: 0 or 1 with pipeline or tensor parallelism (DeepSpeed's pipeline engine "
+                "supports ZeRO-1 at most)")
         require(self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
                 "checkpoint_every and keep_checkpoints must be at least 1")
         require(self.eval_every >= 0 and self.eval_batches >= 1, "eval_every >= 0 and eval_batches >= 1")
