@@ -150,7 +150,7 @@ class CausalSelfAttention(nn.Module):
         and values are appended to it, and the queries attend to everything cached so far."""
         B, T, C = x.shape
         start = cache.length if cache is not None else 0
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        q, k, v = self.c_attn(x).split(self.n_head * self.head_dim, dim=2)  # (B, T, C) each (C/tp under tensor parallelism)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if fused.active(self.kernels, x):  # kernels/rope.py
             q, k = fused.rope(q, cos, sin, start), fused.rope(k, cos, sin, start)
@@ -171,7 +171,7 @@ class CausalSelfAttention(nn.Module):
                 else:
                     mask = hybrid_mask(q, k, self.window, self.block, self.top_k, q_start=start)  # (B, H, T, start+T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -351,14 +351,7 @@ class Transformer(nn.Module):
         first = {"logits": logits, "loss": None, "hidden": h}[output]
         if targets is None:
             return first, None
-        ce = F.cross_entropy(
-            logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=ignore_index, reduction="none"
-        ).view(B, T)
-        w = (targets != ignore_index).float()  # (B, T)
-        if token_w is not None:
-            w = w * token_w
-        loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
-        return first, loss
+        return first, token_loss(logits, targets, loss_weights, ignore_index)
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
@@ -428,6 +421,19 @@ class Transformer(nn.Module):
             if eos_id is not None and bool(done.all()):
                 break
         return idx
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor | None = None,
+               ignore_index: int = -100) -> torch.Tensor:
+    """The model's loss from logits (B, T, V): the mean cross-entropy over the targets that are not
+    `ignore_index`, each token weighted by its sequence's entry of `loss_weights` (B,)."""
+    B, T, _ = logits.shape
+    ce = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=ignore_index,
+                         reduction="none").view(B, T)
+    w = (targets != ignore_index).float()  # (B, T)
+    if loss_weights is not None:
+        w = w * loss_weights.float().view(B, 1)
+    return (ce * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None,

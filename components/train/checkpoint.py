@@ -158,15 +158,8 @@ def save(root: str | os.PathLike, step: int, engine: Any, extra: dict[str, Any] 
          keep: int = 3, modules: dict[str, torch.nn.Module] | None = None) -> Path:
     """Write checkpoint `step` under `root`, point `latest` at it, keep the newest `keep`.
     `modules` are more modules to carry (rank 0 writes each as `<name>.safetensors`)."""
-    root = Path(root)
     rank, world, barrier = _dist()
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
+    tmp = begin(root, step)
     module, optimizer, scheduler = _engine_parts(engine)
     if rank == 0:
         save_module(module, tmp / "model.safetensors")
@@ -183,6 +176,28 @@ def save(root: str | os.PathLike, step: int, engine: Any, extra: dict[str, Any] 
     }
     save_file(tensors, str(tmp / f"optimizer-rank{rank:05d}.safetensors"))
     _write_json(tmp / f"state-rank{rank:05d}.json", state)
+    return publish(root, step, keep)
+
+
+def begin(root: str | os.PathLike, step: int) -> Path:
+    """The temporary folder every rank writes checkpoint `step` into (rank 0 makes it; a barrier follows)."""
+    root = Path(root)
+    rank, _, barrier = _dist()
+    tmp = root / f".step-{step:08d}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    return tmp
+
+
+def publish(root: str | os.PathLike, step: int, keep: int) -> Path:
+    """After every rank has written into `begin`'s folder: rename it into place, point `latest` at
+    it, keep the newest `keep` (rank 0; barriers around)."""
+    root = Path(root)
+    rank, _, barrier = _dist()
+    final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     barrier()
     if rank == 0:
         if final.exists():
@@ -218,8 +233,13 @@ def latest(root: str | os.PathLike) -> Path | None:
 
 
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Rank 0's JSON state of checkpoint folder `path` (step, world_size, extra...), tensors not read."""
-    return json.loads((Path(path) / "state-rank00000.json").read_text(encoding="utf-8"))
+    """Rank 0's JSON state of checkpoint folder `path` (step, world_size, extra...), tensors not read;
+    a 3D-parallel checkpoint's (components/train/parallel/state.py) has "topology" besides."""
+    path = Path(path)
+    for name in ("state-rank00000.json", "state.json"):
+        if (path / name).is_file():
+            return json.loads((path / name).read_text(encoding="utf-8"))
+    raise FileNotFoundError(f"{path}: not a checkpoint (no state-rank00000.json or state.json)")
 
 
 def load(path: str | os.PathLike, engine: Any, modules: dict[str, torch.nn.Module] | None = None) -> dict[str, Any]:

@@ -38,7 +38,8 @@ class TrainConfig:
     (DeepSpeed runs fp16 on GPUs only; on a CPU it is refused with a clear error)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states) or 2 (and gradients).
-    With pipeline or tensor parallelism, 0 or 1 (DeepSpeed's pipeline engine takes no more)."""
+    With pipeline or tensor parallelism: 1, also over a single data-parallel rank (see
+    components/train/parallel/pipe.py)."""
     pipeline_parallel: int = 1
     """pp: pipeline stages (DeepSpeed PipelineModule; the blocks split evenly by parameters).
     The launcher's world size must be a multiple of pp * tensor_parallel; dp = world / (pp * tp)."""
@@ -78,9 +79,9 @@ class TrainConfig:
         require(self.zero_stage in (0, 1, 2), "zero_stage: must be 0, 1 or 2 (stage 3 is not supported)")
         require(self.pipeline_parallel >= 1 and self.tensor_parallel >= 1,
                 "pipeline_parallel and tensor_parallel: must be at least 1")
-        require(self.zero_stage <= 1 or self.pipeline_parallel * self.tensor_parallel == 1,
-                "zero_stage: 0 or 1 with pipeline or tensor parallelism (DeepSpeed's pipeline engine "
-                "supports ZeRO-1 at most)")
+        require(self.zero_stage == 1 or self.pipeline_parallel * self.tensor_parallel == 1,
+                "zero_stage: must be 1 with pipeline or tensor parallelism (DeepSpeed's pipeline engine takes "
+                "ZeRO-1 at most, and its stage-0 gradient clipping miscounts the norm across stages)")
         require(self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
                 "checkpoint_every and keep_checkpoints must be at least 1")
         require(self.eval_every >= 0 and self.eval_batches >= 1, "eval_every >= 0 and eval_batches >= 1")

@@ -161,14 +161,18 @@ def evaluate(engine, batches: Batches, n: int) -> float:
 
 
 def run_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, stage: dict[str, Any] | None = None,
-                    init: dict[str, torch.Tensor] | None = None) -> str:
+                    init: dict[str, torch.Tensor] | None = None, dp: int | None = None) -> str:
     """What a checkpoint must share with the run that resumes it: every model and train setting
-    except those that only say how often to save and measure, the stage's own settings, and
-    the starting weights."""
+    except those that only say how often to save and measure or how the work is parallelised,
+    the stage's own settings, and the starting weights. With `dp` (a 3D-parallel run, whose
+    checkpoints any topology resumes) the global batch micro_batch x grad_accum x dp stands in
+    for grad_accum."""
     import hashlib
 
-    train = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "keep_checkpoints",
-                                                                 "eval_every", "eval_batches")}
+    train = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "keep_checkpoints", "eval_every",
+                                                                 "eval_batches", "pipeline_parallel", "tensor_parallel")}
+    if dp is not None:
+        train["global_batch"] = cfg.micro_batch * train.pop("grad_accum") * dp
     blob = json.dumps({"model": asdict(model_cfg), "train": train, "stage": stage}, sort_keys=True).encode()
     h = hashlib.sha256(blob)
     for name in sorted(init or {}):
@@ -181,6 +185,10 @@ def check_resumable(path: Path, run_id: dict[str, Any], world: int) -> None:
     state = checkpoint.read_state(path)
     extra, saved_world = state["extra"], state["world_size"]
     fresh = "resume with the same ones, or start afresh (--fresh, or another --out)"
+    if state.get("format") == "parallel":
+        raise ConfigError(f"{path}: this checkpoint was written by a pipeline/tensor-parallel run "
+                          f"({state['topology']}); resume it with train.pipeline_parallel or tensor_parallel above 1, "
+                          f"or start afresh (--fresh, or another --out)")
     if extra.get("fingerprint") != run_id["fingerprint"]:
         raise ConfigError(f"{path}: this checkpoint was made with other model or train parameters; {fresh}")
     if saved_world != world:
@@ -211,20 +219,39 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
     only resumes the same stage settings, and is recorded in the exported model/manifest.json."""
     from tqdm import tqdm
 
-    objective = train_batches if hasattr(train_batches, "step") else LanguageModeling(train_batches)
     out = Path(out_dir)
+    par = None
+    if cfg.pipeline_parallel * cfg.tensor_parallel > 1:  # 3D parallel: components/train/parallel
+        from components.train.parallel import pipe, state as par_state
+
+        if freeze is not None or hasattr(train_batches, "step"):
+            raise ConfigError("train.pipeline_parallel / tensor_parallel: only the base stage's language modeling "
+                              "runs pipelined or tensor-parallel; keep both at 1 for the other stages")
+        _single_process_group()
+        par = pipe.build(model_cfg, cfg, deepspeed_config, init)
+        engine, model = par.engine, par.model
+        objective = pipe.PipelineLanguageModeling(train_batches, par)
+    else:
+        objective = train_batches if hasattr(train_batches, "step") else LanguageModeling(train_batches)
+        engine, model = build_engine(model_cfg, cfg, init, freeze)
     out.mkdir(parents=True, exist_ok=True)
-    engine, model = build_engine(model_cfg, cfg, init, freeze)
     frozen = {n: init[n].float() for n, p in model.named_parameters() if not p.requires_grad} if init else {}
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     start = 0
-    run_id = {"fingerprint": run_fingerprint(model_cfg, cfg, stage, init), "data": objective.fingerprint()}
+    run_id = {"fingerprint": run_fingerprint(model_cfg, cfg, stage, init, par.topology.dp if par else None),
+              "data": objective.fingerprint()}
     extra_modules = objective.modules()
     resume_from = checkpoint.latest(out / "checkpoints")
     if resume_from is not None:
-        check_resumable(resume_from, run_id, world)
-        state = checkpoint.load(resume_from, engine, extra_modules)
+        if par is not None:
+            par_state.check_resumable(resume_from, run_id)
+            state = par_state.load(resume_from, par)
+        else:
+            check_resumable(resume_from, run_id, world)
+            state = checkpoint.load(resume_from, engine, extra_modules)
         start = state["step"]
+        if rank == 0:
+            print(f"train: resuming from {resume_from}", flush=True)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         _cut_metrics(metrics_path, start)
@@ -238,13 +265,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
             result = objective.step(engine, step, rank, world)
             balance_experts(model)
             tokens = result.pop("tokens")
+            tokens = result.pop("global_tokens", tokens * world)  # every data-parallel rank's
             record = {"step": step + 1, "loss": result.pop("loss"), "lr": engine.get_lr()[0],
-                      "tokens_per_s": tokens * world / (time.perf_counter() - t0), **result}
+                      "tokens_per_s": tokens / (time.perf_counter() - t0), **result}
             if cfg.precision == "fp16":
                 record.update(loss_scale=float(engine.optimizer.loss_scale), skipped_steps=engine.skipped_steps)
             last = step + 1 == cfg.steps
             if val_batches is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                val_loss = record["val_loss"] = evaluate(engine, val_batches, cfg.eval_batches)
+                val_loss = record["val_loss"] = (pipe.evaluate if par else evaluate)(engine, val_batches,
+                                                                                      cfg.eval_batches)
             if log:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -254,14 +283,23 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
             bar.set_postfix(postfix)
             bar.update()
             if last or (step + 1) % cfg.checkpoint_every == 0:
-                checkpoint.save(out / "checkpoints", step + 1, engine, extra=run_id,
-                                keep=cfg.keep_checkpoints, modules=extra_modules)
+                if par is not None:
+                    par_state.save(out / "checkpoints", step + 1, par, extra=run_id, keep=cfg.keep_checkpoints)
+                else:
+                    checkpoint.save(out / "checkpoints", step + 1, engine, extra=run_id,
+                                    keep=cfg.keep_checkpoints, modules=extra_modules)
     finally:
         bar.close()
         if log:
             log.close()
-    summary = summarize(metrics_path, model, val_loss)
-    state = fp32_state(engine, frozen)  # every rank: gathering ZeRO's fp32 partitions is a collective
+    if par is not None:  # the last step's checkpoint holds every weight whole
+        summary = summarize(metrics_path, pipe.num_params(model_cfg), val_loss)
+        state = par_state.full_weights(checkpoint.latest(out / "checkpoints")) if rank == 0 else {}
+        if model_cfg.tie_embeddings and rank == 0:
+            state["lm_head.weight"] = state["wte.weight"]
+    else:
+        summary = summarize(metrics_path, model.num_params(), val_loss)
+        state = fp32_state(engine, frozen)  # every rank: gathering ZeRO's fp32 partitions is a collective
     if rank == 0:
         export(out / "model", state, model_cfg, tokenizer, stage)
         plot_losses(metrics_path, out / "loss.png")
@@ -306,13 +344,13 @@ def balance_experts(model: Transformer) -> None:
     model.update_router_bias()
 
 
-def summarize(metrics_path: Path, model: Transformer, val_loss: float | None) -> dict[str, Any]:
+def summarize(metrics_path: Path, params: int, val_loss: float | None) -> dict[str, Any]:
     rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
     tail = rows[-10:]
     if val_loss is None:  # resumed after the last evaluation (or at the end): the logged one
         val_loss = next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None)
     return {"steps": rows[-1]["step"] if rows else 0, "final_loss": sum(r["loss"] for r in tail) / len(tail),
-            "val_loss": val_loss, "params": model.num_params(),
+            "val_loss": val_loss, "params": params,
             "tokens_per_s": sum(r["tokens_per_s"] for r in tail) / len(tail)}
 
 
