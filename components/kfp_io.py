@@ -1,9 +1,11 @@
-"""Small helpers for component bodies: step metrics into a KFP Metrics artifact, HTML artifacts."""
+"""Small helpers for component bodies: step metrics into a KFP Metrics artifact, HTML artifacts,
+the training steps' working folder."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 
 def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
@@ -26,3 +28,25 @@ def html_page(path: str, title: str, pngs: list[str] = (), pre: str = "") -> Non
     body = f"<pre>{html.escape(pre)}</pre>" if pre else ""
     Path(path).write_text(f'<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>{body}{imgs}',
                           encoding="utf-8")
+
+
+@contextlib.contextmanager
+def training_dir(artifact: Any) -> Iterator[str]:
+    """Where a training step trains: its output artifact's folder, or, on a cluster (the pipeline
+    sets $DISTILLERY_CHECKPOINT_DIR to the mounted checkpoint volume), a folder on that volume
+    named by the artifact's URI, which KFP keeps across the retries of one task, so a retried pod
+    resumes from the last checkpoint; the finished folder is then copied into the artifact and
+    removed from the volume."""
+    import hashlib
+    import os
+    import shutil
+    from pathlib import Path
+
+    volume = os.environ.get("DISTILLERY_CHECKPOINT_DIR")
+    if not volume:
+        yield artifact.path
+        return
+    work = Path(volume) / hashlib.sha256(artifact.uri.encode()).hexdigest()[:16]
+    yield str(work)
+    shutil.copytree(work, artifact.path, dirs_exist_ok=True)
+    shutil.rmtree(work)

@@ -18,7 +18,10 @@
     distillery release --model data/quantize/model --check data/serve/check.json --out data/release
     distillery promote v0.0.2 --to production                       # the registry (GTO tags); rollback too
     distillery serve --repository runs/triton --stage production    # serving follows the stage
-    distillery compile --out pipeline.yaml                  # IR YAML for the Kubeflow UI
+    distillery compile --out pipeline.yaml                  # IR YAML for the Kubeflow UI (cluster settings in)
+    distillery submit --host http://localhost:8080 [--wait]   # upload (a new version) and run on Kubeflow
+    distillery schedule --host http://localhost:8080 --cron "0 3 * * 1"   # recurring retraining; --list
+    distillery render-job --stage base --out job.yaml        # the distributed training job (PyTorchJob/TrainJob)
     distillery params --preset tiny                         # the resolved parameters
 
 Every command reads params.yaml (`--params`), picks a preset (`--preset`) and takes overrides
@@ -297,6 +300,28 @@ def cmd_compile(args: argparse.Namespace) -> None:
     print(f"compile: wrote {out} (upload it in the Kubeflow UI: Pipelines > Upload pipeline)")
 
 
+def cmd_submit(args: argparse.Namespace) -> None:
+    from pipelines.submit import command_submit
+
+    command_submit(args, _params(args))
+
+
+def cmd_schedule(args: argparse.Namespace) -> None:
+    from pipelines.submit import command_schedule
+
+    command_schedule(args, lambda: _params(args))
+
+
+def cmd_render_job(args: argparse.Namespace) -> None:
+    from pipelines.jobs import job_name, write_job
+
+    params = _params(args)
+    path = write_job(params, args.out, args.stage, data=args.data, out=args.job_out, init=args.init, name=args.name,
+                     suspend=args.suspend)
+    print(f"render-job: wrote {params.cluster.job_kind} {args.name or job_name(args.stage)} to {path} "
+          f"(kubectl apply -f {path})")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from components.data.load import load_rows
     from pipelines.local import print_artifacts, run_local
@@ -466,6 +491,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs", help="where runs go: <out>/kfp/<run>/..., <out>/latest links the newest")
     run.add_argument("--source", help="a raw data file instead of the built-in sample set")
     run.set_defaults(func=cmd_run)
+    from pipelines.submit import add_parsers
+
+    add_parsers(sub, common, cmd_submit, cmd_schedule)
+    job = sub.add_parser("render-job", parents=[common],
+                         help="write the distributed training job (cluster.job_kind) and its params for kubectl")
+    job.add_argument("--stage", choices=["base", "reinforce", "finetune"], default="base")
+    job.add_argument("--data", help="the split folder on the cluster (default: <checkpoint_mount>/data/split)")
+    job.add_argument("--init", help="reinforce / finetune: the previous model (default: <mount>/<previous>/model)")
+    job.add_argument("--job-out", dest="job_out", help="the stage's folder (default: <checkpoint_mount>/<stage>)")
+    job.add_argument("--name", help="the job's name (default: distillery-train-<stage>)")
+    job.add_argument("--suspend", action="store_true", help="create the job suspended")
+    job.add_argument("--out", required=True, help="the YAML file to write (ConfigMap + job)")
+    job.set_defaults(func=cmd_render_job)
     par = sub.add_parser("params", parents=[common], help="print the resolved parameters")
     par.set_defaults(func=cmd_params)
     return parser
@@ -478,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.registry.errors import RegistryError
     from components.serve.errors import ServeError
     from pipelines.local import PipelineFailed
+    from pipelines.submit import SubmitError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -486,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"distillery: parameter error: {err}", file=sys.stderr)
         return 2
-    except (DataError, GateFailed, OutputError, PipelineFailed, RegistryError, ServeError) as err:
+    except (DataError, GateFailed, OutputError, PipelineFailed, RegistryError, ServeError, SubmitError) as err:
         print(f"distillery: {err}", file=sys.stderr)
         return 1
     return code or 0

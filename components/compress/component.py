@@ -19,10 +19,11 @@ def distill(teacher: Input[Model], splits: Input[Dataset], distill_config: dict,
     from components.compress import distill as step
     from components.compress.config import DistillConfig
     from components.config import from_dict
-    from components.kfp_io import log_metrics
+    from components.kfp_io import log_metrics, training_dir
 
-    summary = step.run(from_dict(DistillConfig, distill_config, "distill"), str(Path(teacher.path) / "model"),
-                       splits.path, model.path, progress=False)
+    with training_dir(model) as work:  # on a cluster: the checkpoint volume (kfp_io.training_dir)
+        summary = step.run(from_dict(DistillConfig, distill_config, "distill"), str(Path(teacher.path) / "model"),
+                           splits.path, work, progress=False)
     log_metrics(metrics, summary)
 
 

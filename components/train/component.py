@@ -1,5 +1,7 @@
 """Kubeflow Pipelines components of the training stages: the KFP interface and nothing else.
 
+On a cluster the training steps train on the mounted checkpoint volume, so a retried pod
+resumes (components/kfp_io.py `training_dir`).
 (No `from __future__ import annotations` here: KFP reads the annotations as types.)
 """
 
@@ -17,14 +19,15 @@ def train_base(splits: Input[Dataset], tokenizer_config: dict, model_config: dic
     from pathlib import Path
 
     from components.config import from_dict
-    from components.kfp_io import html_page, log_metrics
+    from components.kfp_io import html_page, log_metrics, training_dir
     from components.model import ModelConfig
     from components.train import base
     from components.train.config import TokenizerConfig, TrainConfig
 
-    summary = base.run(from_dict(ModelConfig, model_config, "model"), from_dict(TrainConfig, train_config, "train"),
-                       from_dict(TokenizerConfig, tokenizer_config, "tokenizer"), model.path, data_dir=splits.path,
-                       progress=False)
+    with training_dir(model) as work:  # on a cluster: the checkpoint volume (kfp_io.training_dir)
+        summary = base.run(from_dict(ModelConfig, model_config, "model"), from_dict(TrainConfig, train_config, "train"),
+                           from_dict(TokenizerConfig, tokenizer_config, "tokenizer"), work, data_dir=splits.path,
+                           progress=False)
     log_metrics(metrics, summary)
     html_page(loss_curve.path, "base stage loss", [str(Path(model.path) / "loss.png")])
 
@@ -38,12 +41,13 @@ def train_reinforce(base_model: Input[Model], splits: Input[Dataset], reinforce_
     from pathlib import Path
 
     from components.config import from_dict
-    from components.kfp_io import html_page, log_metrics
+    from components.kfp_io import html_page, log_metrics, training_dir
     from components.train import stages
     from components.train.config import ReinforceConfig
 
-    summary = stages.run_reinforce(from_dict(ReinforceConfig, reinforce_config, "reinforce"),
-                                   str(Path(base_model.path) / "model"), splits.path, model.path, progress=False)
+    with training_dir(model) as work:
+        summary = stages.run_reinforce(from_dict(ReinforceConfig, reinforce_config, "reinforce"),
+                                       str(Path(base_model.path) / "model"), splits.path, work, progress=False)
     log_metrics(metrics, summary)
     html_page(rewards_curve.path, "GRPO rewards", [str(Path(model.path) / "rewards.png"),
                                                    str(Path(model.path) / "loss.png")])
@@ -56,12 +60,13 @@ def train_finetune(init_model: Input[Model], splits: Input[Dataset], finetune_co
     from pathlib import Path
 
     from components.config import from_dict
-    from components.kfp_io import log_metrics
+    from components.kfp_io import log_metrics, training_dir
     from components.train import stages
     from components.train.config import FinetuneConfig
 
-    summary = stages.run_finetune(from_dict(FinetuneConfig, finetune_config, "finetune"),
-                                  str(Path(init_model.path) / "model"), splits.path, model.path, progress=False)
+    with training_dir(model) as work:
+        summary = stages.run_finetune(from_dict(FinetuneConfig, finetune_config, "finetune"),
+                                      str(Path(init_model.path) / "model"), splits.path, work, progress=False)
     log_metrics(metrics, summary)
 
 

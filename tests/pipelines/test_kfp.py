@@ -18,7 +18,7 @@ def test_compiled_pipeline_loads_back_with_kfp(tmp_path):
     assert main(["compile", "--preset", "tiny", "--out", str(out)]) == 0
     loaded = components.load_component_from_file(str(out))
     assert loaded.name == "distillery"
-    spec = yaml.safe_load(out.read_text())
+    spec = next(yaml.safe_load_all(out.read_text()))
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"ingest", "validate", "filter-rows", "split", "train-base", "train-reinforce",
                           "train-finetune", "evaluate-stages", "distill", "quantize", "serve-export", "serve-check",
