@@ -30,12 +30,15 @@ class ClusterConfig:
     namespace: str = "distillery"
     """Namespace of the pipeline runs, the training job and the serving workloads."""
     image: str = ""
-    """The component image; empty: components.image.IMAGE ($DISTILLERY_IMAGE at compile time)."""
+    """The component image; empty: components.image.IMAGE ($DISTILLERY_IMAGE at compile time), and
+    for a training job that asks for GPUs its `-cuda` repository (Dockerfile.cuda): e.g.
+    ghcr.io/distillery/distillery-cuda:0.1.0."""
     gpu_type: str = "nvidia.com/gpu"
     """Extended resource name of the accelerator that training steps request."""
     gpus_per_node: int = 8
-    """Accelerators per training pod (one pod per node): the training steps' and the job's limit.
-    0 runs training on CPUs (no accelerator requested)."""
+    """Accelerators per training pod (one pod per node): the limit of the pipeline's train-base step
+    (one training process per GPU, components/train/launch.py; the other GPU steps run one process
+    and get one) and of each pod of the training job. 0 runs training on CPUs (none requested)."""
     nodes: int = 1
     """Training job: pods (nodes); processes = nodes * max(gpus_per_node, 1), which must be a
     multiple of train.pipeline_parallel * train.tensor_parallel."""

@@ -15,7 +15,7 @@ becomes kfp-kubernetes platform settings of the tasks; it is never a run paramet
 
 | task | settings |
 |---|---|
-| train-base, train-reinforce, train-finetune, distill | `gpus_per_node` x `gpu_type` (none when 0), cpu and memory requests = limits, node selector, tolerations, the checkpoint PVC at `checkpoint_mount` (and `DISTILLERY_CHECKPOINT_DIR` pointing there: the step trains on the volume, so a retried pod resumes from its last checkpoint), retries with a long window |
+| train-base, train-reinforce, train-finetune, distill | `gpu_type` accelerators: `gpus_per_node` for train-base (one training process per GPU, in the train section's pp x tp x dp layout, components/train/launch.py), one for the others (one process each); none when `gpus_per_node` is 0; cpu and memory requests = limits, node selector, tolerations, the checkpoint PVC at `checkpoint_mount` (and `DISTILLERY_CHECKPOINT_DIR` pointing there: the step trains on the volume, so a retried pod resumes from its last checkpoint), retries with a long window |
 | evaluate-stages | one accelerator (it runs one inference process), cpu/memory, node selector, tolerations, retries |
 | ingest | the DVC remote's credentials from the `dvc_secret` Secret as environment variables, retries |
 | serve-check | retries (a live server: ports, start-up races); caching off |
@@ -48,6 +48,9 @@ from pipelines.params import PipelineParams
 
 TRAINING_TASKS = ("train-base", "train-reinforce", "train-finetune", "distill")
 """Steps that train on DeepSpeed: GPUs, the checkpoint volume, long retries."""
+MULTI_GPU_TASKS = ("train-base",)
+"""Steps that start one process per GPU of the pod (components/train/launch.py): all of the node's
+GPUs; the other GPU steps run one process and get one."""
 GPU_TASKS = TRAINING_TASKS + ("evaluate-stages",)
 """Steps that run on the GPU nodes (node selector and tolerations)."""
 DVC_TASKS = ("ingest",)
@@ -158,7 +161,7 @@ def apply_cluster(tasks: dict[str, Any], cluster: ClusterConfig) -> None:
         if cluster.image:
             task.set_container_image(cluster.image)
         if name in GPU_TASKS:
-            gpus = cluster.gpus_per_node if name in TRAINING_TASKS else min(cluster.gpus_per_node, 1)
+            gpus = cluster.gpus_per_node if name in MULTI_GPU_TASKS else min(cluster.gpus_per_node, 1)
             if gpus > 0:
                 task.set_accelerator_type(cluster.gpu_type).set_accelerator_limit(gpus)
             _resources(task, cluster)

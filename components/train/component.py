@@ -14,20 +14,21 @@ from components.image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train_base(splits: Input[Dataset], tokenizer_config: dict, model_config: dict, train_config: dict,
                model: Output[Model], metrics: Output[Metrics], loss_curve: Output[HTML]):
-    """Base-stage pretraining on DeepSpeed from the split's train/val rows; the output folder
-    holds the checkpoints, metrics.jsonl, loss.png and model/ (safetensors + tokenizer)."""
+    """Base-stage pretraining on DeepSpeed from the split's train/val rows, one process per GPU
+    of the pod (components/train/launch.py: the train.pipeline_parallel x tensor_parallel layout
+    spans them); the output folder holds the checkpoints, metrics.jsonl, loss.png and model/."""
     from pathlib import Path
 
     from components.config import from_dict
     from components.kfp_io import html_page, log_metrics, training_dir
     from components.model import ModelConfig
-    from components.train import base
+    from components.train import launch
     from components.train.config import TokenizerConfig, TrainConfig
 
     with training_dir(model) as work:  # on a cluster: the checkpoint volume (kfp_io.training_dir)
-        summary = base.run(from_dict(ModelConfig, model_config, "model"), from_dict(TrainConfig, train_config, "train"),
-                           from_dict(TokenizerConfig, tokenizer_config, "tokenizer"), work, data_dir=splits.path,
-                           progress=False)
+        summary = launch.run_base(from_dict(ModelConfig, model_config, "model"),
+                                  from_dict(TrainConfig, train_config, "train"),
+                                  from_dict(TokenizerConfig, tokenizer_config, "tokenizer"), work, splits.path)
     log_metrics(metrics, summary)
     html_page(loss_curve.path, "base stage loss", [str(Path(model.path) / "loss.png")])
 

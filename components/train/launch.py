@@ -1,0 +1,77 @@
+"""The base stage on every accelerator of one pod: what the KFP `train_base` component calls.
+
+    summary = launch.run_base(model_cfg, train_cfg, tok_cfg, out, data_dir)   # processes() ranks
+
+A Kubeflow step that asks for 8 GPUs (cluster.gpus_per_node) runs one Python process; this starts
+one training process per GPU with torch's elastic launcher (`torchrun --standalone`) on the
+same configs, so the step's train.pipeline_parallel x tensor_parallel x data-parallel layout
+spans the pod's GPUs (components/train/parallel). Several nodes go through the training job
+that `distillery render-job` writes instead (a PyTorchJob or TrainJob).
+
+How many processes: $DISTILLERY_PROCESSES when set, else the visible CUDA devices, else 1 (in
+the same process, no launcher: the local run and CPU pods).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from components.config import ConfigError
+
+
+def processes() -> int:
+    """Training processes for this pod (see the module docstring)."""
+    value = os.environ.get("DISTILLERY_PROCESSES", "")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"$DISTILLERY_PROCESSES: {value!r} is not a positive whole number")
+        return int(value)
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def run_base(model_cfg, train_cfg, tok_cfg, out_dir: str | os.PathLike, data_dir: str | os.PathLike,
+             nprocs: int | None = None) -> dict[str, Any]:
+    """base.run on `nprocs` processes (default `processes()`); returns its summary."""
+    from components.train import base
+
+    nprocs = processes() if nprocs is None else nprocs
+    if nprocs <= 1:
+        return base.run(model_cfg, train_cfg, tok_cfg, out_dir, data_dir=data_dir, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "base.json"
+        spec.write_text(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg),
+                                    "tokenizer": asdict(tok_cfg), "out": str(out_dir), "data": str(data_dir)}))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
+               "-m", "components.train.launch", str(spec)]
+        code = subprocess.run(cmd).returncode
+    if code != 0:
+        raise RuntimeError(f"train base: {nprocs} training processes failed (exit status {code}); "
+                           f"their output is above")
+    return json.loads((Path(out_dir) / "metrics.json").read_text(encoding="utf-8"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank, started by `run_base` through torchrun."""
+    from components.config import from_dict
+    from components.model import ModelConfig
+    from components.train import base
+    from components.train.config import TokenizerConfig, TrainConfig
+
+    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    base.run(from_dict(ModelConfig, spec["model"], "model"), from_dict(TrainConfig, spec["train"], "train"),
+             from_dict(TokenizerConfig, spec["tokenizer"], "tokenizer"), spec["out"], data_dir=spec["data"],
+             progress=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
