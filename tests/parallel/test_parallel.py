@@ -168,3 +168,18 @@ def test_eight_process_checkpoint_resumes_on_two(single20, tmp_path):
     shutil.copytree(tmp_path / "p2t2d2/checkpoints/step-00000010", resumed / "checkpoints/step-00000010")
     losses = _train(resumed, 2, 2, 1, 20, 4)
     _close(losses, single20["dense"][10:], 1e-4)
+
+
+@pytest.mark.slow
+def test_the_parallel_benchmark_measures_what_it_computes():
+    """benchmarks/parallel.py --quick: every layout trains, and the bytes measured on the wire per
+    mode equal the formula (pipeline: plus DeepSpeed's shape metadata, under 1 %)."""
+    proc = subprocess.run([sys.executable, "benchmarks/parallel.py", "--quick"], env=ENV, capture_output=True,
+                          text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "MB" not in line]
+    modes = {(r[0].strip(), r[1].strip(), r[2].strip(), r[3].strip()): r for r in rows if len(r) == 7}
+    assert {m[3] for m in modes} >= {"data", "tensor", "pipeline"}
+    for (_, _, _, mode), r in modes.items():
+        if mode in ("data", "tensor", "pipeline"):
+            assert 1.0 <= float(r[6]) < 1.01, r
