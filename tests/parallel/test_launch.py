@@ -29,7 +29,7 @@ def test_the_base_step_trains_pipelined_over_two_processes(tmp_path):
         "m = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, kernels='torch')\n"
         "t = TrainConfig(steps=3, micro_batch=2, warmup_steps=1, checkpoint_every=3, eval_every=0,\n"
         "                precision='fp32', pipeline_parallel=2, curriculum_start=1.0)\n"
-        f"s = launch.run_base(m, t, TokenizerConfig(kind='byte'), sys.argv[1], sys.argv[2], launch.processes())\n"
+        "s = launch.run_base(m, t, TokenizerConfig(kind='byte'), sys.argv[1], sys.argv[2], launch.processes())\n"
         "print('SUMMARY', json.dumps(s))\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(data)],
                           env={**ENV, "DISTILLERY_PROCESSES": "2"}, capture_output=True, text=True, timeout=600, cwd=REPO)
