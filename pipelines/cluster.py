@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from components.config import require
+from components.config import ConfigError, require
 
 JOB_KINDS = ("PyTorchJob", "TrainJob")
 
@@ -82,6 +82,25 @@ class ClusterConfig:
         require(self.job_kind in JOB_KINDS, f"job_kind: {self.job_kind!r} is not one of {', '.join(JOB_KINDS)}")
         require(self.checkpoint_mount.startswith("/") and self.registry_mount.startswith("/"),
                 "checkpoint_mount and registry_mount: must be absolute paths")
+
+    def image_for(self, gpus: int) -> str:
+        """`image`; else components.image.IMAGE, whose repository gets `-cuda` for a pod with GPUs:
+        ghcr.io/distillery/distillery:0.1.0 -> ghcr.io/distillery/distillery-cuda:0.1.0, the
+        Dockerfile.cuda build (a repository of its own rather than a tag suffix, so kustomize's
+        `images:` can retag the CPU and CUDA images separately)."""
+        from components import image as image_module
+
+        if self.image:
+            return self.image
+        ref = image_module.IMAGE
+        if gpus <= 0:
+            return ref
+        name, sep, _ = ref.partition("@")  # a digest pins the CPU build; it cannot name the CUDA one
+        if sep:
+            raise ConfigError(f"cluster.image: empty while $DISTILLERY_IMAGE is a digest ({ref}); give the CUDA "
+                              f"image explicitly for pods with cluster.gpus_per_node > 0")
+        slash, colon = name.rfind("/"), name.rfind(":")
+        return f"{name[:colon]}-cuda{name[colon:]}" if colon > slash else f"{name}-cuda"
 
     @property
     def processes(self) -> int:

@@ -91,26 +91,8 @@ def check_topology(params: PipelineParams, stage: str = "base") -> None:
 
 
 def job_image(params: PipelineParams) -> str:
-    """`cluster.image`; else components.image.IMAGE, whose repository gets `-cuda` when the job asks
-    for accelerators: ghcr.io/distillery/distillery:0.1.0 -> ghcr.io/distillery/distillery-cuda:0.1.0,
-    the Dockerfile.cuda build. (A repository of its own rather than a tag suffix, so kustomize's
-    `images:` can retag the CPU and CUDA images separately.)"""
-    from components import image as image_module
-
-    if params.cluster.image:
-        return params.cluster.image
-    ref = image_module.IMAGE
-    if params.cluster.gpus_per_node <= 0:
-        return ref
-    name, sep, rest = ref.partition("@")  # a digest pins the CPU build; it cannot name the CUDA one
-    if sep:
-        raise ConfigError(f"cluster.image: empty while $DISTILLERY_IMAGE is a digest ({ref}); give the CUDA "
-                          f"image explicitly for a job with cluster.gpus_per_node > 0")
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > slash:
-        return f"{name[:colon]}-cuda{name[colon:]}"
-    return f"{name}-cuda"
+    """The job's image: pipelines/cluster.py `ClusterConfig.image_for` its pods' GPUs."""
+    return params.cluster.image_for(params.cluster.gpus_per_node)
 
 
 def job_name(stage: str) -> str:

@@ -158,10 +158,11 @@ def apply_cluster(tasks: dict[str, Any], cluster: ClusterConfig) -> None:
     if cluster.gpus_per_node > 0 and not cluster.gpu_type:
         raise ConfigError(f"cluster.gpu_type: empty, with gpus_per_node {cluster.gpus_per_node} (set 0 for CPUs)")
     for name, task in tasks.items():
-        if cluster.image:
-            task.set_container_image(cluster.image)
+        gpus = 0
         if name in GPU_TASKS:
             gpus = cluster.gpus_per_node if name in MULTI_GPU_TASKS else min(cluster.gpus_per_node, 1)
+        task.set_container_image(cluster.image_for(gpus))  # the CUDA build where a task has GPUs
+        if name in GPU_TASKS:
             if gpus > 0:
                 task.set_accelerator_type(cluster.gpu_type).set_accelerator_limit(gpus)
             _resources(task, cluster)

@@ -83,6 +83,15 @@ def test_gpus_on_training_executors_only(default):
             assert accel is None, f"{task} asks for an accelerator"
 
 
+def test_gpu_tasks_run_the_cuda_image_the_others_the_cpu_one(default):
+    from components.image import IMAGE
+
+    for task in ALL_TASKS:
+        gpus = "accelerator" in default.container(task).get("resources", {})
+        repo, _, tag = IMAGE.rpartition(":")
+        assert default.container(task)["image"] == (f"{repo}-cuda:{tag}" if gpus else IMAGE), task
+
+
 def test_volumes_secret_node_selector_tolerations(default):
     tiny, _ = load_params(REPO_PARAMS, "tiny")
     cluster = tiny.cluster
