@@ -41,7 +41,6 @@ repository's params.yaml, preset base, suspended; tests/manifests checks that it
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -51,8 +50,8 @@ from typing import Any
 
 import yaml
 
-from components.config import ConfigError, deep_merge
-from pipelines.params import PipelineParams, load_params
+from components.config import ConfigError
+from pipelines.params import PipelineParams
 
 RUN_AS = 10001
 """uid and gid of every pod: the Dockerfiles' `USER 10001`."""
@@ -296,29 +295,10 @@ def write_job(params: PipelineParams, path: str | os.PathLike, stage: str = "bas
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.cli import _overrides
+    """`python -m pipelines.jobs ARGS` is `distillery render-job ARGS`."""
+    from pipelines.cli import main as cli
 
-    parser = argparse.ArgumentParser(prog="python -m pipelines.jobs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", help="parameters file (default: ./params.yaml)")
-    parser.add_argument("--preset", help="tiny, small or base (default: the file's `preset:`)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--stage", choices=STAGES, default="base")
-    parser.add_argument("--data", help="the split folder on the cluster (default: <checkpoint_mount>/data/split)")
-    parser.add_argument("--init", help="reinforce / finetune: the previous model (default: <mount>/<previous>/model)")
-    parser.add_argument("--job-out", dest="job_out", help="the stage's folder (default: <checkpoint_mount>/<stage>)")
-    parser.add_argument("--name", help="the job's name (default: distillery-train-<stage>)")
-    parser.add_argument("--suspend", action="store_true", help="create the job suspended")
-    parser.add_argument("--out", required=True, help="the YAML file to write")
-    args = parser.parse_args(argv)
-    try:
-        params, _ = load_params(args.params, args.preset, deep_merge({}, _overrides(args.set)))
-        path = write_job(params, args.out, args.stage, data=args.data, out=args.job_out, init=args.init,
-                         name=args.name, suspend=args.suspend)
-    except ConfigError as err:
-        print(f"distillery: parameter error: {err}", file=sys.stderr)
-        return 2
-    print(f"render-job: wrote {params.cluster.job_kind} {args.name or job_name(args.stage)} to {path}")
-    return 0
+    return cli(["render-job", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
