@@ -198,20 +198,17 @@ def build(model_cfg: ModelConfig, cfg, ds_config: Callable[[Any, int], dict[str,
     shard_model(model, tp_group, tp_rank, topo.tp)
     names = {id(p): n for n, p in model.named_parameters()}
     tied = model_cfg.tie_embeddings
-    embed = EmbedPipe(model.wte, model_cfg.dropout)
     layers: list[Any] = [TiedLayerSpec("embed", EmbedPipe, model.wte, model_cfg.dropout, tied_weight_attr="wte.weight")
-                         if tied else embed]
+                         if tied else EmbedPipe(model.wte, model_cfg.dropout)]
     layers += [BlockPipe(b, model_cfg) for b in model.blocks]
     layers.append(model.ln_f)
     layers.append(TiedLayerSpec("embed", EmbedPipe, model.wte, model_cfg.dropout, tied_weight_attr="wte.weight",
                                 forward_fn=lambda module, h: module.logits(h)) if tied else HeadPipe(model.lm_head))
     net = PipelineModule(layers=layers, loss_fn=PipeLoss(model.lm_head), topology=ds_topo,
                          partition_method="type:BlockPipe", dynamic_shape=True)
-    decay, no_decay = [], []
-    for p in net.parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 or names.get(id(p)) == "wte.weight" else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    here = {id(p) for p in net.parameters()}  # this stage's: the model's decay / no-decay groups, cut to them
+    groups = [{**g, "params": [p for p in g["params"] if id(p) in here]}
+              for g in model.configure_optimizer_groups(cfg.weight_decay)]
     config = ds_config(cfg, topo.dp)
     config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     # ZeRO-1 even over one data-parallel rank: DeepSpeed 0.19.8's clipping without ZeRO
