@@ -232,8 +232,9 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             tok, slot = (idx == e).nonzero(as_tuple=True)  # tokens routed to e, and in which of their k slots
-            if tok.numel() == 0:
-                continue
+            if tok.numel() == 0 and not torch.is_grad_enabled():
+                continue  # training runs an idle expert on 0 rows: every weight gets a gradient, so
+                # data-parallel ranks reduce the same ones (ZeRO's buckets must line up)
             y = expert(flat.index_select(0, tok)) * gates[tok, slot, None].type_as(flat)  # (n_e, C)
             out = out.index_add(0, tok, y)
         return out
