@@ -74,13 +74,23 @@ class LanguageModeling:
             engine.step()
             tokens += b.tokens
             total += loss.item()
-        return {"loss": total / accum, "tokens": tokens}
+        return {"loss": mean_over_ranks(total / accum, world), "tokens": tokens}
 
     def fingerprint(self) -> str | None:
         return self.batches.fingerprint() if hasattr(self.batches, "fingerprint") else None
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {}
+
+
+def mean_over_ranks(value: float, world: int) -> float:
+    """The mean of a per-rank scalar over the data-parallel ranks (the step's loss over the whole
+    global batch, not rank 0's share of it)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t) / world
 
 
 def _single_process_group() -> None:
@@ -263,7 +273,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             result = objective.step(engine, step, rank, world)
-            balance_experts(model)
+            balance_experts(model, par.local_moe if par else None)
             tokens = result.pop("tokens")
             tokens = result.pop("global_tokens", tokens * world)  # every data-parallel rank's
             record = {"step": step + 1, "loss": result.pop("loss"), "lr": engine.get_lr()[0],
@@ -331,15 +341,19 @@ def fp32_state(engine, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return state
 
 
-def balance_experts(model: Transformer) -> None:
+def balance_experts(model: Transformer, local: set[int] | None = None) -> None:
     """MoE: DeepSeek-V3's aux-loss-free balancing after each step, on the expert loads of all
     ranks (summed, so every rank moves its biases the same way); a no-op for dense models.
-    The loads are those of the step's last micro-batch."""
+    The loads are those of the step's last micro-batch. `local` (3D parallel: ids of the MoE
+    layers this rank's pipeline stage runs): every rank holds every layer, so the others' loads,
+    stale sums of an earlier step, are zeroed before the sum."""
     layers = model.moe_layers()
     if not layers:
         return
     if torch.distributed.get_world_size() > 1:
         for layer in layers:
+            if local is not None and id(layer) not in local:
+                layer.load.zero_()
             torch.distributed.all_reduce(layer.load)
     model.update_router_bias()
 

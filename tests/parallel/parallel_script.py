@@ -4,7 +4,7 @@ synthetic corpus under a pp x tp x dp topology (dp = processes / (pp * tp)).
     [deepspeed --num_gpus N] tests/parallel/parallel_script.py OUT_DIR PP TP STEPS ACCUM [VARIANT] [PRECISION]
 
 ACCUM is the micro-batches per optimizer step *per data-parallel rank*: the single-process run
-that matches N processes takes ACCUM * dp. VARIANT: dense (default), moe or untied; PRECISION:
+that matches N processes takes ACCUM * dp. VARIANT: dense (default), moe (no bias update), moe-balance (bias update 0.01) or untied; PRECISION:
 fp32 (default) or bf16.
 """
 
@@ -27,7 +27,8 @@ text = "".join(f"{a} plus {b} is {a + b}. " for a in range(40) for b in range(0,
 ids = torch.tensor(tok.encode(text), dtype=torch.long)
 # vocab 259 is odd: the vocabulary-parallel shards carry padding rows
 model_cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=4, n_head=4, n_embd=32, block_size=32, ffn_hidden=64,
-                        ffn="moe" if variant == "moe" else "dense", moe_bias_update=0.0,
+                        ffn="moe" if variant.startswith("moe") else "dense",
+                        moe_bias_update=0.01 if variant == "moe-balance" else 0.0,
                         tie_embeddings=variant != "untied", kernels="torch")
 cfg = TrainConfig(steps=steps, micro_batch=2, grad_accum=accum, lr=3e-3, warmup_steps=2, precision=precision,
                   checkpoint_every=int(os.environ.get("CHECKPOINT_EVERY", "10")), keep_checkpoints=5,

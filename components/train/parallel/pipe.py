@@ -31,6 +31,7 @@ stages stay data-parallel.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -150,6 +151,13 @@ class Parallel:
     """id(parameter) -> its name in the single-device model (the checkpoint's key)."""
     tp_group: Any
     tp_rank: int
+
+    @functools.cached_property
+    def local_moe(self) -> set[int]:
+        """ids of the MoE layers this rank's stage runs (engine.balance_experts)."""
+        from components.model.model import MoE
+
+        return {id(m) for m in self.engine.module.modules() if isinstance(m, MoE)}
 
     @property
     def stage(self) -> int:
