@@ -63,20 +63,13 @@ def _link_states(engine) -> None:
         engine.optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def _has_hp(p: torch.nn.Parameter) -> bool:
-    """Whether DeepSpeed keeps this parameter's fp32 master and moments in its own partitions."""
-    return hasattr(p, "_hp_mapping")  # None on a rank whose partition holds none of it: it still joins the gather
-
-
 def _whole(par: Parallel, p: torch.nn.Parameter, key: str | None) -> torch.Tensor:
-    """The fp32 master (key None) or moment `key` of `p`, gathered over dp, joined over tp."""
+    """The fp32 master (key None) or moment `key` of `p`, gathered over dp (ZeRO-1's partitions:
+    the 3D path always runs ZeRO, pipe.build), joined over tp."""
     from deepspeed import comm as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if _has_hp(p):
-        local = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-    else:
-        local = p if key is None else _torch_optimizer(par.engine).state[p][key]
+    local = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
     local = local.detach().float().reshape(p.shape).contiguous()
     shard = getattr(p, "tp_shard", None)
     if shard is None or par.topology.tp == 1:
@@ -193,14 +186,9 @@ def load(path: str | Path, par: Parallel) -> dict[str, Any]:
         w = mine(weights[name])
         with torch.no_grad():
             p.data.copy_(w.to(p.dtype).reshape(p.shape))
-        if _has_hp(p):
-            safe_set_full_fp32_param(p, w)
-            for key in MOMENTS:
-                safe_set_full_optimizer_state(p, mine(moments[f"{key}.{name}"]), key)
-        else:
-            opt_state = _torch_optimizer(engine).state[p]
-            for key in MOMENTS:
-                opt_state[key] = mine(moments[f"{key}.{name}"]).reshape(p.shape).to(p.device)
+        safe_set_full_fp32_param(p, w)
+        for key in MOMENTS:
+            safe_set_full_optimizer_state(p, mine(moments[f"{key}.{name}"]), key)
     for opt_state in _torch_optimizer(engine).state.values():  # AdamW's bias correction
         if "step" in opt_state:
             step = opt_state["step"]
