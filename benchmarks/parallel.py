@@ -95,6 +95,8 @@ def worker(out: str, tp: int, pp: int, steps: int) -> None:
                 topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (pp * tp))
                 for name, axis in (("tensor", "model"), ("data", "data"), ("pipeline", "pipe")):
                     groups[name] = {tuple(r) for r in topo.get_axis_comm_lists(axis)}
+            # this rank's trained parameters (its stage and slice), for the ZeRO formula
+            state["params"] = sum(p.numel() for p in eng.module.parameters() if p.requires_grad)
             state["on"] = step > 0  # the first step sends the pipeline's shape metadata; leave it out
             state["steps"] += step > 0
             try:
@@ -117,18 +119,10 @@ def worker(out: str, tp: int, pp: int, steps: int) -> None:
     run = Path(out) / "run"
     engine.train(model_cfg, cfg, StreamBatches(ids, T, B, 0), None, tok, run, progress=False)
     rank = td.get_rank()
-    local_params = pipe_params = None
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
-    import gc
-
-    for obj in gc.get_objects():  # this rank's parameter count (its stage and slice), for the ZeRO formula
-        if type(obj).__name__ in ("PipelineEngine", "DeepSpeedEngine") and getattr(obj, "module", None) is not None:
-            local_params = sum(p.numel() for p in obj.module.parameters() if p.requires_grad)
-            pipe_params = getattr(obj, "stage_id", 0)
-            break
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({
-        "counts": {k: v / max(state["steps"], 1) for k, v in counts.items()}, "params": local_params,
-        "stage": pipe_params, "tokens_per_s": [r["tokens_per_s"] for r in rows[1:]]}))
+        "counts": {k: v / max(state["steps"], 1) for k, v in counts.items()}, "params": state["params"],
+        "tokens_per_s": [r["tokens_per_s"] for r in rows[1:]]}))
 
 
 # ---- the formulas ------------------------------------------------------------------------------
