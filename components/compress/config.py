@@ -40,8 +40,8 @@ class DistillConfig:
     """Peak learning rate (warm-up, then cosine to lr * 0.1)."""
     warmup_steps: int = 20
     """Linear warm-up steps."""
-    precision: str = "bf16"
-    """bf16, fp32 or fp16 (as train.precision)."""
+    precision: str = "auto"
+    """auto, bf16, fp32 or fp16 (as train.precision)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage across processes."""
     seed: int = 0

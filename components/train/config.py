@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from components.config import require
-
-PRECISIONS = ("bf16", "fp32", "fp16")
+from components.train.precision import PRECISIONS
 
 
 @dataclass
@@ -33,9 +32,11 @@ class TrainConfig:
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Global gradient-norm clipping (0 disables)."""
-    precision: str = "bf16"
-    """bf16 (mixed precision, the CPU and GPU default), fp32, or fp16 with dynamic loss scaling
-    (DeepSpeed runs fp16 on GPUs only; on a CPU it is refused with a clear error)."""
+    precision: str = "auto"
+    """auto (bf16 where the device computes it natively: CUDA with bf16, a CPU with AVX512-BF16
+    or AMX; fp32 elsewhere, components/train/precision.py), bf16 (mixed precision), fp32, or
+    fp16 with dynamic loss scaling (DeepSpeed runs fp16 on GPUs only; on a CPU it is refused with
+    a clear error)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states) or 2 (and gradients).
     With pipeline or tensor parallelism: 1, also over a single data-parallel rank (see
@@ -158,7 +159,7 @@ class ReinforceConfig:
     warmup_steps: int = 5
     """Linear warm-up steps."""
     precision: str = "fp32"
-    """bf16, fp32 or fp16 (as train.precision); fp32 by default: the ratio exp(logp - old) wants it."""
+    """auto, bf16, fp32 or fp16 (as train.precision); fp32 by default: the ratio exp(logp - old) wants it."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage across processes."""
     seed: int = 0
@@ -211,8 +212,8 @@ class FinetuneConfig:
     train_top_layers: int = 2
     """Train only the top this many blocks (and the final norm); the embeddings, the tied output
     head and the blocks below stay frozen, bit for bit. 0 trains everything."""
-    precision: str = "bf16"
-    """bf16, fp32 or fp16 (as train.precision)."""
+    precision: str = "auto"
+    """auto, bf16, fp32 or fp16 (as train.precision)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage across processes."""
     seed: int = 0
