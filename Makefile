@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: $(STAMP)  ## the whole pipeline on built-in sample data, locally (kfp.local), then serve what staging holds
 	$(BIN)/distillery run --preset $(PRESET) --out $(OUT)
-	$(BIN)/distillery serve --preset $(PRESET) --set registry.root=$(OUT)/registry --repository $(OUT)/triton \
+	$(BIN)/distillery serve --preset $(PRESET) --registry $(OUT)/registry --repository $(OUT)/triton \
 		--stage staging --once
 
 test: $(STAMP)  ## the default test suite (well under 20 minutes on 2 cores)

@@ -62,6 +62,17 @@ def code_version() -> dict[str, str]:
     return info
 
 
+def source_digest() -> str:
+    """A digest of the suite's own source (every .py file of pipelines/, components/ and kernels/):
+    what a cached step of a local run must have been computed with."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for package in ("pipelines", "components", "kernels"):
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 class OutputError(ValueError):
     """An output path that a step refuses to write: it would destroy something it did not make."""
 

@@ -9,12 +9,21 @@ from typing import Any, Iterator
 
 
 def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
-    """Log every finite numeric (and boolean, as 0/1) value of a step's metrics dict."""
+    """Log every finite numeric (and boolean, as 0/1) value of a step's metrics dict, and write
+    them as JSON at the artifact's path: KFP keeps Metrics in the artifact's metadata and writes no
+    file, and kfp.local's cache takes an output whose file is missing for a miss, so without one a
+    step would never be served from the cache."""
+    import json
+    from pathlib import Path
+
     for key, value in values.items():
         if isinstance(value, bool):
             metrics.log_metric(key, int(value))
         elif isinstance(value, (int, float)) and math.isfinite(value):  # KFP's protobuf has no NaN
             metrics.log_metric(key, value)
+    path = Path(metrics.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(metrics.metadata), indent=1) + "\n", encoding="utf-8")
 
 
 def html_page(path: str, title: str, pngs: list[str] = (), pre: str = "") -> None:
@@ -30,23 +39,30 @@ def html_page(path: str, title: str, pngs: list[str] = (), pre: str = "") -> Non
                           encoding="utf-8")
 
 
+CHECKPOINT_ENV = "DISTILLERY_CHECKPOINT_DIR"
+"""Where training steps keep their working folders: the mounted checkpoint volume on a cluster
+(pipelines/pipeline.py sets it), `<out>/checkpoints` in a local run (pipelines/local.py)."""
+
+
 @contextlib.contextmanager
-def training_dir(artifact: Any) -> Iterator[str]:
-    """Where a training step trains: its output artifact's folder, or, on a cluster (the pipeline
-    sets $DISTILLERY_CHECKPOINT_DIR to the mounted checkpoint volume), a folder on that volume
-    named by the artifact's URI, which KFP keeps across the retries of one task, so a retried pod
-    resumes from the last checkpoint; the finished folder is then copied into the artifact and
-    removed from the volume."""
+def training_dir(artifact: Any, *inputs: Any) -> Iterator[str]:
+    """Where a training step trains: its output artifact's folder, or, when $DISTILLERY_CHECKPOINT_DIR
+    names a checkpoint folder (a cluster's volume, a local run's `<out>/checkpoints`), a folder there
+    named by the step's `inputs` (its input artifacts' URIs and its parameters, JSON): a retried pod,
+    or a local run started again, trains with the same inputs in the same folder and so resumes
+    from the last checkpoint. The finished folder is then copied into the artifact and removed."""
     import hashlib
+    import json
     import os
     import shutil
     from pathlib import Path
 
-    volume = os.environ.get("DISTILLERY_CHECKPOINT_DIR")
+    volume = os.environ.get(CHECKPOINT_ENV)
     if not volume:
         yield artifact.path
         return
-    work = Path(volume) / hashlib.sha256(artifact.uri.encode()).hexdigest()[:16]
+    key = json.dumps([getattr(i, "uri", i) for i in inputs], sort_keys=True, default=str)
+    work = Path(volume) / hashlib.sha256(key.encode()).hexdigest()[:16]
     yield str(work)
     shutil.copytree(work, artifact.path, dirs_exist_ok=True)
     shutil.rmtree(work)

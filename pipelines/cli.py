@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -69,6 +68,8 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 def _params(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> PipelineParams:
     overrides = deep_merge(_overrides(args.set), extra or {})
+    if getattr(args, "registry", None):  # --registry on the commands that use one: registry.root
+        overrides = deep_merge(overrides, {"registry": {"root": args.registry}})
     params, _ = load_params(args.params, args.preset, overrides)
     return params
 
@@ -324,15 +325,29 @@ def cmd_render_job(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from components.data.load import load_rows
-    from pipelines.local import print_artifacts, run_local
+    from components.train.precision import native_bf16
+    from pipelines.console import summary
+    from pipelines.local import registry_and_next, run_local, shown
+    from pipelines.pipeline import TASK_ORDER
 
     params = _params(args)
     if not Path(params.registry.root).is_absolute():  # a local run keeps its registry under --out
         params.registry.root = str(Path(args.out).resolve() / Path(params.registry.root).name)
     if args.source:  # read it once here: a bad file is named before any task starts
         load_rows(args.source, params.source)
-    artifacts = run_local(params, Path(args.out), source_uri=args.source or "")
-    print_artifacts(artifacts)
+    bf16, hardware = native_bf16()  # `auto` is decided once, here, for every training step
+    stages = [params.train, params.reinforce, params.finetune, params.distill]
+    for cfg in stages:
+        if cfg.precision == "auto":
+            cfg.precision = "bf16" if bf16 else "fp32"
+    chosen = ", ".join(sorted({c.precision for c in stages}))
+    print(f"distillery run: preset {args.preset or 'from ' + str(args.params or 'params.yaml')}, "
+          f"{len(TASK_ORDER)} steps into {shown(args.out)} (step logs in {shown(Path(args.out) / 'logs')}); "
+          f"precision {chosen} ({hardware})", flush=True)
+    run = run_local(params, Path(args.out), source_uri=args.source or "", verbose=args.verbose)
+    registry, commands = registry_and_next(run, params, args.preset)
+    latest = f"{shown(run.out / 'latest')} -> {shown(run.run_dir)}"
+    print("\n".join(summary(run.steps, run.seconds, run.reports, registry, commands, latest)))
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -343,7 +358,7 @@ def _registry_parsers(sub, common: argparse.ArgumentParser) -> None:
     """promote, rollback, and `registry` (init, register, current, path, show): the GTO registry."""
     from components.registry.config import STAGES
 
-    reg_common = argparse.ArgumentParser(add_help=False, parents=[common])
+    reg_common = argparse.ArgumentParser(add_help=False, parents=[common, registry_flag()])
     reg_common.add_argument("--name", help="the model's name in the registry (registry.name)")
     reg_common.add_argument("--actor", help='who acts, "Name <email>" (default: git user, else $USER)')
     pro = sub.add_parser("promote", parents=[reg_common], help="move a registered version into a stage, through the gate")
@@ -373,6 +388,13 @@ def _registry_parsers(sub, common: argparse.ArgumentParser) -> None:
         c.set_defaults(func=cmd_registry)
     rsub.add_parser("show", parents=[reg_common], help="versions, stages and stage history as JSON").set_defaults(
         func=cmd_registry)
+
+
+def registry_flag() -> argparse.ArgumentParser:
+    flag = argparse.ArgumentParser(add_help=False)
+    flag.add_argument("--registry", metavar="PATH",
+                      help="the registry (registry.root; `distillery run --out X` keeps it in X/registry)")
+    return flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -473,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--metrics-port", dest="metrics_port", type=int, default=0)
     srv.add_argument("--once", action="store_true", help="start, load, print the endpoints and stop (a smoke test)")
     srv.add_argument("--actor", help=argparse.SUPPRESS)
+    srv.add_argument("--registry", help="with --stage: the registry (registry.root; `distillery run --out X` "
+                     "keeps it in X/registry)")
     srv.set_defaults(func=cmd_serve)
     rel = sub.add_parser("release", parents=[common], help="register a checked model and promote it to staging if it passes the gate")
     rel.add_argument("--model", required=True, help="the INT8 model folder, e.g. runs/quantize/model")
@@ -481,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--loadtest", help="serve.check's loadtest.json (latency for the gate)")
     rel.add_argument("--out", required=True, help="folder for promotion.json and promotion.md")
     rel.add_argument("--actor", help='who acts, "Name <email>" (default: git user, else $USER)')
+    rel.add_argument("--registry", help="the registry (registry.root)")
     rel.set_defaults(func=cmd_release)
     _registry_parsers(sub, common)
 
@@ -490,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run the whole pipeline locally with kfp.local")
     run.add_argument("--out", default="runs", help="where runs go: <out>/kfp/<run>/..., <out>/latest links the newest")
     run.add_argument("--source", help="a raw data file instead of the built-in sample set")
+    run.add_argument("--verbose", action="store_true", help="show everything the steps print (KFP's executor "
+                     "input, DeepSpeed...), not only their progress")
     run.set_defaults(func=cmd_run)
     from pipelines.submit import add_parsers
 
@@ -519,7 +546,6 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.submit import SubmitError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         code = args.func(args)
     except ConfigError as err:

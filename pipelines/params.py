@@ -109,3 +109,14 @@ def load_params(path: str | os.PathLike | None = None, preset: str | None = None
         return from_dict(PipelineParams, merged), chosen
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def preset_names(path: str | os.PathLike | None = None) -> list[str]:
+    """The presets a params file offers (tiny, small, base for the repository's own)."""
+    path = Path(path) if path else default_params_path()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read parameters: {err}") from None
+    presets = raw.get("presets") if isinstance(raw, dict) else None
+    return list(presets) if isinstance(presets, dict) else []

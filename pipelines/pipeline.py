@@ -39,13 +39,17 @@ from kfp import compiler, dsl, kubernetes
 from components.compress import component as compress
 from components.config import ConfigError
 from components.data import component as data
+from components.kfp_io import CHECKPOINT_ENV
 from components.registry import component as registry
 from components.serve import component as serve
 from components.train import component as training
 from pipelines.cluster import ClusterConfig
-from pipelines.local import PIPELINE_NAME
+from pipelines.local import PIPELINE_NAME, LocalSettings
 from pipelines.params import PipelineParams
 
+TASK_ORDER = ["ingest", "validate", "filter-rows", "split", "train-base", "train-reinforce", "train-finetune",
+              "evaluate-stages", "distill", "quantize", "serve-export", "serve-check", "promote"]
+"""Every task, in the order the pipeline reads (kfp.local may run independent ones in another)."""
 TRAINING_TASKS = ("train-base", "train-reinforce", "train-finetune", "distill")
 """Steps that train on DeepSpeed: GPUs, the checkpoint volume, long retries."""
 MULTI_GPU_TASKS = ("train-base",)
@@ -60,8 +64,6 @@ RETRY_TASKS = ("ingest", *GPU_TASKS, "serve-check")
 step is deterministic (a retry repeats the failure) or has side effects (promote)."""
 NO_CACHE_TASKS = ("ingest", "serve-check", "promote")
 """Steps never served from KFP's cache: a path the cache key cannot see, a live check, a side effect."""
-CHECKPOINT_ENV = "DISTILLERY_CHECKPOINT_DIR"
-"""Set on training steps on a cluster: where they keep checkpoints (the checkpoint volume)."""
 RETRY_BACKOFF = {"backoff_duration": "30s", "backoff_factor": 2, "backoff_max_duration": "1h"}
 """Back-off of the short steps: 30 s, 60 s, ... within an hour of the first attempt."""
 TRAINING_RETRY_BACKOFF = {"backoff_duration": "60s", "backoff_factor": 2, "backoff_max_duration": "7d"}
@@ -72,9 +74,11 @@ TOLERATION_OPERATORS = ("Equal", "Exists")
 TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
-def build_pipeline(params: PipelineParams, cluster: ClusterConfig | None = None) -> Any:
+def build_pipeline(params: PipelineParams, cluster: ClusterConfig | None = None,
+                   local: LocalSettings | None = None) -> Any:
     """The pipeline function, with `params` as its parameters' defaults; with `cluster`, every
-    task also gets its Kubernetes settings (`apply_cluster`)."""
+    task also gets its Kubernetes settings (`apply_cluster`); with `local` (a kfp.local run,
+    pipelines/local.py), the code digest on every task and ingest's content-based cache key."""
     p = params.as_dict()
     p.pop("cluster")  # compile-time only: never a run parameter
     if cluster is not None:
@@ -142,6 +146,10 @@ def build_pipeline(params: PipelineParams, cluster: ClusterConfig | None = None)
         for task in tasks:
             if task.name in NO_CACHE_TASKS:
                 task.set_caching_options(False)
+            if local is not None:
+                task.set_env_variable("DISTILLERY_CODE", local.code)  # joins kfp.local's cache key
+        if local is not None:  # locally ingest's key is its source file's content and parameters
+            ingest.set_caching_options(True, cache_key=local.ingest_key)
         if cluster is not None:
             apply_cluster({task.name: task for task in tasks}, cluster)
 

@@ -21,9 +21,9 @@ def distill(teacher: Input[Model], splits: Input[Dataset], distill_config: dict,
     from components.config import from_dict
     from components.kfp_io import log_metrics, training_dir
 
-    with training_dir(model) as work:  # on a cluster: the checkpoint volume (kfp_io.training_dir)
+    with training_dir(model, "distill", teacher, splits, distill_config) as work:  # kfp_io.training_dir
         summary = step.run(from_dict(DistillConfig, distill_config, "distill"), str(Path(teacher.path) / "model"),
-                           splits.path, work, progress=False)
+                           splits.path, work)
     log_metrics(metrics, summary)
 
 
@@ -40,5 +40,5 @@ def quantize(float_model: Input[Model], splits: Input[Dataset], quantize_config:
     from components.kfp_io import log_metrics
 
     summary = step.run(from_dict(QuantizeConfig, quantize_config, "quantize"), str(Path(float_model.path) / "model"),
-                       splits.path, model.path, progress=False)
+                       splits.path, model.path)
     log_metrics(metrics, summary)

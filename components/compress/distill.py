@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from components.artifacts import finish, sha256_file
 from components.compress.config import DistillConfig
 from components.config import ConfigError
+from components.console import log
 from components.data.load import DataError
 from components.model import ModelConfig, Transformer, fused
 from components.train.base import row_text
@@ -149,7 +150,8 @@ def teacher_rows(teacher: Transformer, tok, rows: list[dict], max_new_tokens: in
     from components.train.evaluate import EvaluateConfig, evaluate_model
 
     _, answers = evaluate_model(teacher, tok, rows, EvaluateConfig(max_rows=0, samples=0,
-                                                                   max_new_tokens=max_new_tokens), batch=batch)
+                                                                   max_new_tokens=max_new_tokens), batch=batch,
+                                desc="distill: teacher solutions")
     out = []
     for row, ans in zip(rows, answers):
         if ans["correct"]:
@@ -178,7 +180,7 @@ def run(cfg: DistillConfig, teacher_dir: str | os.PathLike, data_dir: str | os.P
     rank0 = os.environ.get("RANK", "0") == "0"
     extra = teacher_rows(teacher, tok, rows) if cfg.teacher_data else []
     if rank0 and cfg.teacher_data:
-        print(f"distill: {len(extra)} of {len(rows)} teacher solutions were correct and join the data")
+        log.info(f"distill: {len(extra)} of {len(rows)} teacher solutions were correct and join the data")
     ids = [tok.encode(row_text(r)) + [tok.eos_id] for r in rows + extra]  # as the base stage saw them
     weights = [float(r.get("weight", 1.0)) for r in rows] + [1.0] * len(extra)
     batches = RowBatches(ids, weights, s_cfg.block_size, cfg.micro_batch, cfg.seed, tok.pad_id)
@@ -200,8 +202,8 @@ def run(cfg: DistillConfig, teacher_dir: str | os.PathLike, data_dir: str | os.P
               "teacher_layers": t_cfg.n_layer, "student_layers": s_cfg.n_layer, "teacher_rows": len(extra)}
     report["param_ratio"] = report["student_params"] / report["teacher_params"]
     if test:
-        t_res, _ = evaluate_model(teacher, tok, test, ecfg)
-        s_res, _ = evaluate_model(student, tok, test, ecfg)
+        t_res, _ = evaluate_model(teacher, tok, test, ecfg, desc="distill: evaluate teacher")
+        s_res, _ = evaluate_model(student, tok, test, ecfg, desc="distill: evaluate student")
         report.update(teacher_accuracy=t_res["accuracy"], student_accuracy=s_res["accuracy"], test_rows=len(test))
         if t_res["accuracy"] > 0:
             report["accuracy_ratio"] = s_res["accuracy"] / t_res["accuracy"]

@@ -405,8 +405,8 @@ def run(cfg, model_dir: str | os.PathLike, data_dir: str | os.PathLike | None, o
             Path(data_dir) / "test.jsonl").is_file() else []
         if test:
             ecfg = EvaluateConfig(max_rows=eval_rows, samples=0)
-            f_res, _ = evaluate_model(base, tok, test, ecfg)
-            q_res, _ = evaluate_model(q, tok, test, ecfg)
+            f_res, _ = evaluate_model(base, tok, test, ecfg, desc="quantize: evaluate float")
+            q_res, _ = evaluate_model(q, tok, test, ecfg, desc="quantize: evaluate int8")
             report.update(float_accuracy=f_res["accuracy"], int8_accuracy=q_res["accuracy"],
                           accuracy_drop=f_res["accuracy"] - q_res["accuracy"], float_format=f_res["format"],
                           int8_format=q_res["format"], float_perplexity=f_res["perplexity"],

@@ -101,7 +101,8 @@ class Registry:
         if not (self.root / ".gto").is_file() or git(self.root, "rev-parse", "--show-toplevel", check=False) \
                 != str(self.root.resolve()):
             raise RegistryError(f"{self.root}: not a model registry (no git repository with .gto at its top); "
-                                f"create one with Registry.init or `distillery registry init`")
+                                f"a `distillery run --out X` keeps its registry in X/registry: give "
+                                f"--registry X/registry (or `distillery registry init` makes one here)")
         self.root = self.root.resolve()
 
     @classmethod

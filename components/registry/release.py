@@ -67,7 +67,7 @@ def run(cfg: RegistryConfig, model_folder: str | os.PathLike, quantize_metrics: 
     lines = [f"# {cfg.name} {version}: {'promoted to staging' if promoted else 'NOT promoted'} ({status})", "",
              f"staging: {result['staging']}, production: {result['production']}", "", "```", table, "```", "",
              "| metric | value |", "|---|---|", *[f"| {k} | {v:.6g} |" for k, v in metrics.items()], "",
-             f"next: `distillery promote {version} --to production` once staging looks right; "
-             f"`distillery rollback` puts production back."]
+             f"next: `distillery promote {version} --to production --registry {result['registry']}` once "
+             f"staging looks right; `distillery rollback --registry {result['registry']}` puts production back."]
     (out / "promotion.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return result

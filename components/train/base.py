@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from components.artifacts import check_output, finish
+from components.console import log
 from components.data.load import DataError, load_canonical
 from components.model import BPETokenizer, ByteTokenizer, ModelConfig, load_tokenizer
 from components.train.batches import Curriculum, RowBatches, StreamBatches, difficulty
@@ -60,7 +61,7 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
         raise DataError("give the split folder (--data) or a text corpus (--text), one of them")
     out = Path(out_dir)
     if fresh:
-        for name in ("checkpoints", "tokenizer", "metrics.jsonl", "model", "loss.png", "manifest.json",
+        for name in ("checkpoints", "tokenizer", "metrics.jsonl", "model", "loss.png", "plots", "manifest.json",
                      "metrics.json"):
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
@@ -94,7 +95,7 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
                              train_cfg.micro_batch, train_cfg.seed, tok.pad_id,
                              difficulty([r[:seq + 1] for r in train_ids], tok.vocab_size), curriculum)
         if rank0 and curriculum.active:
-            print(f"curriculum: step 0 draws from the easiest {len(train_b.pool(0))} of {len(train_ids)} rows, "
+            log.info(f"curriculum: step 0 draws from the easiest {len(train_b.pool(0))} of {len(train_ids)} rows, "
                   f"all of them from step {curriculum.growth_steps}")
         val_b = RowBatches(encode(val_rows), [1.0] * len(val_rows), seq, train_cfg.micro_batch,
                            train_cfg.seed + 1, tok.pad_id) if val_rows else None

@@ -25,7 +25,7 @@ def train_base(splits: Input[Dataset], tokenizer_config: dict, model_config: dic
     from components.train import launch
     from components.train.config import TokenizerConfig, TrainConfig
 
-    with training_dir(model) as work:  # on a cluster: the checkpoint volume (kfp_io.training_dir)
+    with training_dir(model, "train-base", splits, tokenizer_config, model_config, train_config) as work:
         summary = launch.run_base(from_dict(ModelConfig, model_config, "model"),
                                   from_dict(TrainConfig, train_config, "train"),
                                   from_dict(TokenizerConfig, tokenizer_config, "tokenizer"), work, splits.path)
@@ -46,9 +46,9 @@ def train_reinforce(base_model: Input[Model], splits: Input[Dataset], reinforce_
     from components.train import stages
     from components.train.config import ReinforceConfig
 
-    with training_dir(model) as work:
+    with training_dir(model, "train-reinforce", base_model, splits, reinforce_config) as work:
         summary = stages.run_reinforce(from_dict(ReinforceConfig, reinforce_config, "reinforce"),
-                                       str(Path(base_model.path) / "model"), splits.path, work, progress=False)
+                                       str(Path(base_model.path) / "model"), splits.path, work)
     log_metrics(metrics, summary)
     html_page(rewards_curve.path, "GRPO rewards", [str(Path(model.path) / "rewards.png"),
                                                    str(Path(model.path) / "loss.png")])
@@ -65,9 +65,9 @@ def train_finetune(init_model: Input[Model], splits: Input[Dataset], finetune_co
     from components.train import stages
     from components.train.config import FinetuneConfig
 
-    with training_dir(model) as work:
+    with training_dir(model, "train-finetune", init_model, splits, finetune_config) as work:
         summary = stages.run_finetune(from_dict(FinetuneConfig, finetune_config, "finetune"),
-                                      str(Path(init_model.path) / "model"), splits.path, work, progress=False)
+                                      str(Path(init_model.path) / "model"), splits.path, work)
     log_metrics(metrics, summary)
 
 

@@ -32,10 +32,12 @@ import torch
 
 from components.artifacts import atomic_dir
 from components.config import ConfigError
+from components.console import Progress, log
 from components.model import ModelConfig, Transformer
 from components.train import checkpoint
 from components.train.batches import Batch
 from components.train.config import TrainConfig
+from components.train.precision import resolve as resolve_precision
 
 
 class Batches(Protocol):
@@ -94,13 +96,30 @@ def mean_over_ranks(value: float, world: int) -> float:
 
 
 def _single_process_group() -> None:
-    """A one-rank gloo group when no launcher set one up (CLI, KFP component, tests)."""
+    """A one-rank gloo group when no launcher set one up (CLI, KFP component, tests); and no
+    build of DeepSpeed's shared-memory op (`_skip_shm_op`)."""
+    _skip_shm_op()
     if "RANK" in os.environ or (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _skip_shm_op() -> None:
+    """DeepSpeed's communication backend compiles its shared-memory C++ op (`deepspeed_shm_comm`)
+    on a machine's first start, 1.5 to 5 minutes on 2 cores, after probing compilers for every op
+    (a few seconds at every start). The op serves only `inference_all_reduce` (DeepSpeed's
+    tensor-parallel inference), which training never calls: with an empty table of compatible
+    ops DeepSpeed neither probes nor builds it, and training's collectives stay torch.distributed's."""
+    import deepspeed.ops
+
+    table = vars(deepspeed.ops)
+    if "__compatible_ops__" in table:  # already probed by someone: just never build the op
+        table["__compatible_ops__"]["deepspeed_shm_comm"] = False
+    else:
+        table["__compatible_ops__"] = {}
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
@@ -122,9 +141,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if cfg.precision == "bf16":
+    precision = resolve_precision(cfg.precision)
+    if precision == "bf16":
         ds["bf16"] = {"enabled": True}
-    elif cfg.precision == "fp16":
+    elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 200,
                       "hysteresis": 2, "min_loss_scale": 1}
     return ds
@@ -227,8 +247,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
     `train_batches` is a batch sampler (language modeling) or an Objective (GRPO...). `init`
     and `freeze` go to build_engine; `stage` (JSON) joins the run's fingerprint, so a checkpoint
     only resumes the same stage settings, and is recorded in the exported model/manifest.json."""
-    from tqdm import tqdm
-
     out = Path(out_dir)
     par = None
     if cfg.pipeline_parallel * cfg.tensor_parallel > 1:  # 3D parallel: components/train/parallel
@@ -261,13 +279,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
             state = checkpoint.load(resume_from, engine, extra_modules)
         start = state["step"]
         if rank == 0:
-            print(f"train: resuming from {resume_from}", flush=True)
+            log.info("train: resuming from %s (step %d of %d)", resume_from, start, cfg.steps)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         _cut_metrics(metrics_path, start)
-    log = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress or rank != 0,
-               dynamic_ncols=True)
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
+    bar = Progress(cfg.steps, stage_name(stage), "step", initial=start, enabled=progress and rank == 0)
     val_loss = None
     try:
         for step in range(start, cfg.steps):
@@ -284,14 +301,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
             if val_batches is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
                 val_loss = record["val_loss"] = (pipe.evaluate if par else evaluate)(engine, val_batches,
                                                                                       cfg.eval_batches)
-            if log:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            postfix = {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:,.0f}"}
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            status = f"loss {record['loss']:.3f}"
+            if "reward" in record:
+                status += f", reward {record['reward']:.3f}"
             if "loss_scale" in record:
-                postfix.update(scale=f"{record['loss_scale']:g}", skipped=record["skipped_steps"])
-            bar.set_postfix(postfix)
-            bar.update()
+                status += f", loss scale {record['loss_scale']:g}, {record['skipped_steps']} skipped"
+            bar.update(status=status + (f", {record['tokens_per_s']:,.0f} tok/s" if bar.bar else ""), tokens=tokens)
             if last or (step + 1) % cfg.checkpoint_every == 0:
                 if par is not None:
                     par_state.save(out / "checkpoints", step + 1, par, extra=run_id, keep=cfg.keep_checkpoints)
@@ -300,8 +318,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
                                     keep=cfg.keep_checkpoints, modules=extra_modules)
     finally:
         bar.close()
-        if log:
-            log.close()
+        if metrics_file:
+            metrics_file.close()
     if par is not None:  # the last step's checkpoint holds every weight whole
         summary = summarize(metrics_path, pipe.num_params(model_cfg), val_loss)
         state = par_state.full_weights(checkpoint.latest(out / "checkpoints")) if rank == 0 else {}
@@ -313,7 +331,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
     if rank == 0:
         export(out / "model", state, model_cfg, tokenizer, stage)
         plot_losses(metrics_path, out / "loss.png")
+        plot_data(metrics_path, out / "plots")
     return summary
+
+
+def stage_name(stage: dict[str, Any] | None) -> str:
+    """What a stage's progress lines are called: `train base`, `train reinforce`, `distill`..."""
+    name = (stage or {}).get("name", "base")
+    return name if name in ("distill", "qat") else f"train {name}"
 
 
 def fp32_state(engine, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -381,6 +406,24 @@ def export(folder: Path, state: dict[str, torch.Tensor], model_cfg: ModelConfig,
         tokenizer.save(tmp / "tokenizer")
         (tmp / "manifest.json").write_text(json.dumps({"step": "train", "params": fp32.num_params(),
                                                        "stage": stage or {"name": "base"}}) + "\n")
+
+
+def plot_data(metrics_path: Path, folder: Path) -> None:
+    """The training curves as data files that `dvc plots show` / `dvc plots diff` draw and compare
+    across runs (dvc.yaml's `plots:`): train.csv (every step: loss, lr, tokens/s and the stage's
+    own numbers, such as GRPO's reward) and val.csv (the steps with a validation loss)."""
+    import csv
+
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r)
+            if k != "val_loss" and all(isinstance(r.get(k, 0.0), (int, float)) for r in rows)]
+    for name, cols, chosen in (("train.csv", keys, rows),
+                               ("val.csv", ["step", "val_loss"], [r for r in rows if "val_loss" in r])):
+        with open(folder / name, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, cols, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({k: (int(v) if isinstance(v, bool) else v) for k, v in r.items()} for r in chosen)
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:

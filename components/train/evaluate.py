@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from components.artifacts import atomic_dir, finish
+from components.console import Progress, log
 from components.data.load import DataError, load_canonical
 from components.train.config import EvaluateConfig
 from components.train.rewards import accuracy_reward, format_reward, reference_answer
@@ -44,8 +45,9 @@ def problems(data: str | os.PathLike, cfg: EvaluateConfig) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int = 16) -> tuple[dict, list[dict]]:
-    """({accuracy, format, perplexity, rows}, per-row completions) of one model."""
+def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int = 16,
+                   desc: str = "evaluate") -> tuple[dict, list[dict]]:
+    """({accuracy, format, perplexity, rows}, per-row completions) of one model; progress as `desc`."""
     from components.train.grpo import prompt_text, token_logprobs
     from components.train.stages import encode_pairs
 
@@ -64,6 +66,7 @@ def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int
     sampled: dict[int, list[str]] = {i: [] for i in range(len(rows))}
     g = torch.Generator().manual_seed(cfg.seed)
     k = cfg.samples
+    bar = Progress(len(rows), desc, "problem")
     for length, members in by_len.items():  # same-length prompts decode together: no padding
         for start in range(0, len(members), batch):
             chunk = members[start:start + batch]
@@ -82,6 +85,8 @@ def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int
                 out = model.generate(idx, budget, temperature=cfg.temperature, eos_id=tok.eos_id, generator=g)
                 for j, row in enumerate(out[:, length:].tolist()):
                     sampled[chunk[j // k]].append(tok.decode(t for t in row if t != tok.eos_id))
+            bar.update(len(chunk))
+    bar.close()
     pass1 = 0.0
     for i, r in enumerate(rows):
         ref = reference_answer(r, cfg.answer_marker)
@@ -114,10 +119,10 @@ def run(cfg: EvaluateConfig, stages: dict[str, str | os.PathLike], data: str | o
     results, completions = {}, []
     for name, folder in stages.items():
         model, tok = load_model(folder)
-        results[name], answers = evaluate_model(model, tok, rows, cfg)
+        results[name], answers = evaluate_model(model, tok, rows, cfg, desc=f"evaluate {name}")
         completions += [{"stage": name, **a} for a in answers]
         pass1 = f", pass@1 {results[name]['pass1']:.3f}" if "pass1" in results[name] else ""
-        print(f"evaluate: {name}: accuracy {results[name]['accuracy']:.3f}{pass1}, format {results[name]['format']:.3f}, "
+        log.info(f"evaluate: {name}: accuracy {results[name]['accuracy']:.3f}{pass1}, format {results[name]['format']:.3f}, "
               f"perplexity {results[name]['perplexity']:.3f} on {len(rows)} problems")
     metrics = {f"{name}_{k}": v for name, r in results.items() for k, v in r.items() if k != "rows"}
     metrics["problems"] = len(rows)

@@ -45,7 +45,7 @@ def run_base(model_cfg, train_cfg, tok_cfg, out_dir: str | os.PathLike, data_dir
 
     nprocs = processes() if nprocs is None else nprocs
     if nprocs <= 1:
-        return base.run(model_cfg, train_cfg, tok_cfg, out_dir, data_dir=data_dir, progress=False)
+        return base.run(model_cfg, train_cfg, tok_cfg, out_dir, data_dir=data_dir)
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "base.json"
         spec.write_text(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg),
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     base.run(from_dict(ModelConfig, spec["model"], "model"), from_dict(TrainConfig, spec["train"], "train"),
-             from_dict(TokenizerConfig, spec["tokenizer"], "tokenizer"), spec["out"], data_dir=spec["data"],
-             progress=False)
+             from_dict(TokenizerConfig, spec["tokenizer"], "tokenizer"), spec["out"], data_dir=spec["data"])
     return 0
 
 

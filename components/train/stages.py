@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from components.artifacts import check_output, finish
+from components.console import log
 from components.data.load import DataError, load_canonical
 from components.model import Transformer
 from components.train.base import row_text
@@ -31,7 +32,8 @@ from components.train.config import FinetuneConfig, ReinforceConfig
 from components.train.engine import train
 from components.train.pretrained import deepen, freeze_below, load_pretrained
 
-OUTPUTS = ("checkpoints", "metrics.jsonl", "model", "loss.png", "rewards.png", "manifest.json", "metrics.json")
+OUTPUTS = ("checkpoints", "metrics.jsonl", "model", "loss.png", "plots", "rewards.png", "manifest.json",
+           "metrics.json")
 
 
 def _prepare(out: Path, inputs: tuple, fresh: bool) -> None:
@@ -82,8 +84,8 @@ def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: s
     reference.load_state_dict(state)
     objective = GRPO(cfg, rows, tok, reference, model_cfg.block_size)
     if os.environ.get("RANK", "0") == "0":
-        print(f"reinforce: {len(objective.prompts)} prompts with verifiable answers ({objective.skipped} rows "
-              f"skipped: no answer, or a prompt leaving under {MIN_COMPLETION} tokens of block_size)")
+        log.info(f"reinforce: {len(objective.prompts)} prompts with verifiable answers ({objective.skipped} rows "
+                 f"skipped: no answer, or a prompt leaving under {MIN_COMPLETION} tokens of block_size)")
     train_cfg = cfg.train_config()
     val = _val_batches(_rows(data_dir, "val.jsonl"), tok, model_cfg.block_size, 8, cfg.seed)
     summary = train(model_cfg, train_cfg, objective, val, tok, out, progress=progress, init=state,
