@@ -208,12 +208,20 @@ def _plain(value: Any) -> Any:
         return str(value)
 
 
+def check_mark(expectation: dict[str, Any]) -> str:
+    """✘ where the expectation failed the batch, ⚠ where it passed within `mostly` but some rows
+    missed it (they are quarantined), ✔ where every row met it: the mark agrees with the count."""
+    if not expectation["success"]:
+        return "✘"
+    return "⚠" if expectation["unexpected"] else "✔"
+
+
 def report_html(report: dict[str, Any]) -> str:
     """A self-contained page for the Kubeflow UI: the gate, the counts, every expectation."""
     status = "PASSED" if report["gate_passed"] else "FAILED"
     color = "#1a7f37" if report["gate_passed"] else "#cf222e"
     rows = "".join(
-        f"<tr><td>{'✔' if e['success'] else '✘'}</td><td>{html.escape(e['description'])}</td>"
+        f"<tr><td>{check_mark(e)}</td><td>{html.escape(e['description'])}</td>"
         f"<td>{html.escape(str(e['column'] or ''))}</td><td>{e['unexpected'] if e['unexpected'] is not None else ''}</td>"
         f"<td>{html.escape(str(e['observed'] if e['observed'] is not None else ''))}</td></tr>"
         for e in report["expectations"])
@@ -225,7 +233,9 @@ def report_html(report: dict[str, Any]) -> str:
 <p>{report['rows']} rows: {report['clean']} clean, {report['quarantined']} quarantined ({report['quarantined_fraction']:.1%}).</p>
 {f'<h2>Why it failed</h2><ul>{failed}</ul>' if failed else ''}
 <h2>Quarantine reasons</h2><table><tr><th>reason</th><th>rows</th></tr>{reasons}</table>
-<h2>Expectations</h2><table><tr><th></th><th>expectation</th><th>column</th><th>unexpected rows</th><th>observed</th></tr>{rows}</table>
+<h2>Expectations</h2><p>✔ every row meets it; ⚠ the batch passes, and the rows that do not meet it are
+quarantined; ✘ the gate fails on it.</p>
+<table><tr><th></th><th>expectation</th><th>column</th><th>unexpected rows</th><th>observed</th></tr>{rows}</table>
 <p>The full Great Expectations Data Docs are in <code>data_docs/index.html</code> of the step's output
 folder (<code>&lt;out&gt;.rejected/</code> when the gate failed).</p></body></html>"""
 

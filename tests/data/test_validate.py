@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from components.data.config import SourceConfig, ValidateConfig
 from components.data.equations import close, final_value, parse_number
 from components.data.load import load_rows, write_jsonl
-from components.data.validate import GateFailed, run, validate_rows
+from components.data.validate import GateFailed, check_mark, report_html, run, validate_rows
 
 
 def row(i: int, **over) -> dict:
@@ -41,6 +41,24 @@ def test_each_fault_is_quarantined_with_its_reason(reason):
     assert [q["id"] for q in result.quarantined] == ["r99"]
     assert reason in result.quarantined[0]["reasons"]
     assert len(result.clean) == 20
+
+
+def test_the_reports_marks_agree_with_its_counts():
+    """A row-level expectation that passes the batch but quarantines rows is not shown as met."""
+    rows = [row(i) for i in range(20)] + [row(98, answer="999"), row(99, prompt=None)]
+    report = validate_rows(rows, ValidateConfig(data_docs=False)).report
+    marks = {e["description"]: (check_mark(e), e["unexpected"]) for e in report["expectations"]}
+    assert marks["answer equals the response's final answer"] == ("⚠", 1)
+    assert marks["prompt is not null"] == ("⚠", 1)
+    assert marks["response is not null"] == ("✔", 0)
+    for e in report["expectations"]:
+        assert (check_mark(e) == "✔") == (e["success"] and not e["unexpected"])
+    page = report_html(report)
+    assert page.count("<tr><td>⚠</td>") == sum(1 for e in report["expectations"] if e["unexpected"])
+    worse = rows + [row(i, answer="999") for i in range(50, 53)]  # 4 of 25 disagree: over `mostly` (95 %)
+    failed = validate_rows(worse, ValidateConfig(data_docs=False, max_quarantine_fraction=0.05)).report
+    assert {e["description"]: check_mark(e) for e in failed["expectations"] if not e["success"]} == {
+        "answer equals the response's final answer": "✘"}
 
 
 @pytest.mark.parametrize("final", ["$12", "12 apples", "12.", "1,2"])
