@@ -1,11 +1,41 @@
-"""Small helpers for component bodies: step metrics into a KFP Metrics artifact, HTML artifacts,
-the training steps' working folder."""
+"""Small helpers for component bodies: the run's step configs (preset + run-form overrides), step
+metrics into a KFP Metrics artifact, HTML artifacts, the training steps' working folder."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 from typing import Any, Iterator
+
+from components.config import ConfigError
+
+def preset_config(config: dict[str, Any], preset: str, overrides: dict[str, Any] | None = None,
+                  exact: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The step sections this run uses: `config` holds every preset's sections, compiled into the
+    pipeline ({preset: {section: values}}), so the run form's `preset` picks one at run time; then
+    each of `overrides` ("train.steps" -> the form's value) goes over it unless it is 0, "" or {}
+    (keep the preset's), and each of `exact` as given (the gate: its form value is the value).
+    An unknown preset is a ConfigError listing the known ones; the caller's `from_dict` checks
+    the rest strictly."""
+    import copy
+
+    if preset not in config:
+        raise ConfigError(f"preset: unknown preset {preset!r}; known: {', '.join(config) or 'none'}")
+    sections = copy.deepcopy(config[preset])
+    chosen = {key: value for key, value in (overrides or {}).items() if not _keeps_preset(value)}
+    for dotted, value in {**chosen, **(exact or {})}.items():
+        *parents, leaf = dotted.split(".")
+        node = sections
+        for key in parents:
+            node[key] = dict(node.get(key) or {})
+            node = node[key]
+        node[leaf] = value
+    return sections
+
+
+def _keeps_preset(value: Any) -> bool:
+    """0, "", {} (the run form's defaults) and None: keep the preset's value."""
+    return not isinstance(value, bool) and (value is None or value in (0, "") or value == {})
 
 
 def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
@@ -48,11 +78,9 @@ CHECKPOINT_ENV = "DISTILLERY_CHECKPOINT_DIR"
 def training_dir(artifact: Any, *inputs: Any) -> Iterator[str]:
     """Where a training step trains: its output artifact's folder, or, when $DISTILLERY_CHECKPOINT_DIR
     names a checkpoint folder (a cluster's volume, a local run's `<out>/checkpoints`), a folder there
-    named by the step's `inputs` (its input artifacts' URIs and its parameters, JSON): a retried pod,
-    or a local run started again, trains with the same inputs in the same folder and so resumes
-    from the last checkpoint. The finished folder is then copied into the artifact and removed."""
-    import hashlib
-    import json
+    named by the step's `inputs` (`training_key`): a retried pod, or a local run started again,
+    trains with the same inputs in the same folder and so resumes from the last checkpoint. The
+    finished folder is then copied into the artifact and removed."""
     import os
     import shutil
     from pathlib import Path
@@ -61,8 +89,20 @@ def training_dir(artifact: Any, *inputs: Any) -> Iterator[str]:
     if not volume:
         yield artifact.path
         return
-    key = json.dumps([getattr(i, "uri", i) for i in inputs], sort_keys=True, default=str)
-    work = Path(volume) / hashlib.sha256(key.encode()).hexdigest()[:16]
+    work = Path(volume) / training_key(*inputs)
     yield str(work)
     shutil.copytree(work, artifact.path, dirs_exist_ok=True)
     shutil.rmtree(work)
+
+
+def training_key(*inputs: Any) -> str:
+    """The working folder's name for a training step's `inputs`: its input artifacts' URIs and its
+    typed configs (as the run resolved them, so the same settings give the same key whether they
+    came from the preset or the run form), hashed."""
+    import dataclasses
+    import hashlib
+    import json
+
+    plain = [dataclasses.asdict(i) if dataclasses.is_dataclass(i) and not isinstance(i, type)
+             else getattr(i, "uri", i) for i in inputs]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,23 +1,30 @@
 """The distillery DAG for Kubeflow Pipelines v2, built from the steps' components.
 
     distillery compile --preset small --out pipeline.yaml   # upload in the Kubeflow UI
+    distillery compile --cpu --out pipeline.yaml            # a cluster without GPUs
     distillery submit --host http://localhost:8080           # compile, upload, run (pipelines/submit.py)
     distillery run --preset tiny --out runs/tiny             # the same DAG with kfp.local
 
-The step configs are pipeline parameters (one mapping per step), their defaults baked in from
-the chosen preset of params.yaml at compile time, so a user can change any of them in the
-Kubeflow UI's run form. `source_uri` empty means the built-in synthetic sample set; otherwise it
-is a path that the component's container can read (a mounted volume): object-store URIs
-(gs://, s3://) are not read yet.
+The run form (the pipeline's parameters) is flat and typed: `preset`, the data source, each
+training stage's steps and learning rate, the promotion gate (`RUN_FORM_NUMBERS`,
+`GATE_PARAMETERS`). Each has a description, taken by KFP from the `Args:` section of the
+pipeline function's docstring (`_run_form_doc`) into the IR. Every other setting is resolved at
+compile time: every preset of the params file, whole, goes into the components as a constant
+(`config`, {preset: {section: values}}), and each step picks the run's preset and lays the
+form's values over it (components/kfp_io.py `preset_config`); a number left at 0 keeps the
+preset's. `source_uri` empty means the built-in synthetic sample set; otherwise it is a path
+that the component's container can read (a mounted volume): object-store URIs (gs://, s3://)
+are not read yet.
 
 Compiled for a cluster (`compile`, `submit`, `schedule`), the `cluster` section of params.yaml
-becomes kfp-kubernetes platform settings of the tasks; it is never a run parameter:
+becomes kfp-kubernetes platform settings of the tasks; it is never a run parameter (`--cpu`:
+no GPUs, node selector or tolerations; `cluster_asks` says what a compile asks for):
 
 | task | settings |
 |---|---|
 | train-base, train-reinforce, train-finetune, distill | `gpu_type` accelerators: `gpus_per_node` for train-base (one training process per GPU, in the train section's pp x tp x dp layout, components/train/launch.py), one for the others (one process each); none when `gpus_per_node` is 0; cpu and memory requests = limits, node selector, tolerations, the checkpoint PVC at `checkpoint_mount` (and `DISTILLERY_CHECKPOINT_DIR` pointing there: the step trains on the volume, so a retried pod resumes from its last checkpoint), retries with a long window |
 | evaluate-stages | one accelerator (it runs one inference process), cpu/memory, node selector, tolerations, retries |
-| ingest | the DVC remote's credentials from the `dvc_secret` Secret as environment variables, retries |
+| ingest | the DVC remote's credentials from the `dvc_secret` Secret as environment variables (optional: without the Secret ingest still reads a mounted path), retries |
 | serve-check | retries (a live server: ports, start-up races); caching off |
 | promote | the registry PVC at `registry_mount` (a relative `registry.root` moves under it); no retry and caching off: it changes the registry |
 
@@ -31,6 +38,8 @@ and ignores the rest with warnings.
 """
 
 
+import json
+import os
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -45,11 +54,13 @@ from components.serve import component as serve
 from components.train import component as training
 from pipelines.cluster import ClusterConfig
 from pipelines.local import PIPELINE_NAME, LocalSettings
-from pipelines.params import PipelineParams
+from pipelines.params import PipelineParams, load_params, preset_names
 
 TASK_ORDER = ["ingest", "validate", "filter-rows", "split", "train-base", "train-reinforce", "train-finetune",
               "evaluate-stages", "distill", "quantize", "serve-export", "serve-check", "promote"]
 """Every task, in the order the pipeline reads (kfp.local may run independent ones in another)."""
+LOCAL_PRESET = "local"
+"""The name a local run's one preset goes by (`distillery run` resolves its parameters first)."""
 TRAINING_TASKS = ("train-base", "train-reinforce", "train-finetune", "distill")
 """Steps that train on DeepSpeed: GPUs, the checkpoint volume, long retries."""
 MULTI_GPU_TASKS = ("train-base",)
@@ -69,75 +80,119 @@ RETRY_BACKOFF = {"backoff_duration": "30s", "backoff_factor": 2, "backoff_max_du
 TRAINING_RETRY_BACKOFF = {"backoff_duration": "60s", "backoff_factor": 2, "backoff_max_duration": "7d"}
 """Back-off of the GPU steps. Argo counts the window from the first attempt's start, so a
 training step that fails after ten hours must still be inside it to be retried."""
+RUN_FORM_NUMBERS = {
+    "generate_rows": ("generate.rows", "Rows of the built-in synthetic sample set (when source_uri is empty)"),
+    "train_steps": ("train.steps", "Base-stage optimizer steps (the preset's warm-up and curriculum must fit)"),
+    "train_lr": ("train.lr", "Base-stage peak learning rate"),
+    "reinforce_steps": ("reinforce.steps", "GRPO (reinforce stage) optimizer steps, a multiple of the preset's "
+                        "reinforce.updates_per_batch"),
+    "reinforce_lr": ("reinforce.lr", "GRPO (reinforce stage) learning rate"),
+    "finetune_steps": ("finetune.steps", "Supervised fine-tune optimizer steps"),
+    "finetune_lr": ("finetune.lr", "Supervised fine-tune learning rate"),
+    "distill_steps": ("distill.steps", "Student (distillation) optimizer steps"),
+    "distill_lr": ("distill.lr", "Student (distillation) learning rate"),
+}
+"""Run-form numbers whose default, 0, keeps the chosen preset's value: name -> (params key, what it is).
+The components lay the same keys over their config (components/*/component.py)."""
+GATE_PARAMETERS = {
+    "gate_metric": ("registry.gate.metric", "The metric a new model must improve over the production model's "
+                    "to be promoted to staging"),
+    "gate_min_gain": ("registry.gate.min_gain", "The improvement required on gate_metric: candidate - production "
+                      "> this (0: any strict gain)"),
+    "gate_minimums": ("registry.gate.minimums", 'Absolute floors every candidate must reach, the first one too, '
+                      'e.g. {"accuracy": 0.05}'),
+}
+"""Run-form values of the promotion gate, not tied to a preset: the form's value is the one used,
+its default the compiled preset's."""
+CPU_ONLY = {"gpus_per_node": 0, "node_selector": {}, "tolerations": []}
+"""`--cpu`: the cluster settings for a cluster without GPUs: no accelerator asked for, no GPU node
+selector or tolerations, so every task runs the CPU image (`ClusterConfig.image_for(0)`)."""
 TOLERATION_KEYS = {"key", "operator", "value", "effect"}
 TOLERATION_OPERATORS = ("Equal", "Exists")
 TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
-def build_pipeline(params: PipelineParams, cluster: ClusterConfig | None = None,
+def build_pipeline(presets: dict[str, PipelineParams], preset: str, cluster: ClusterConfig | None = None,
                    local: LocalSettings | None = None) -> Any:
-    """The pipeline function, with `params` as its parameters' defaults; with `cluster`, every
-    task also gets its Kubernetes settings (`apply_cluster`); with `local` (a kfp.local run,
-    pipelines/local.py), the code digest on every task and ingest's content-based cache key."""
-    p = params.as_dict()
-    p.pop("cluster")  # compile-time only: never a run parameter
-    if cluster is not None:
-        p["registry"] = {**p["registry"], "root": registry_root_on_cluster(params.registry.root, cluster)}
+    """The pipeline function. Its run form is flat (see the module's docstring), with `preset` the
+    default one; every preset of `presets` goes into the components whole, as a compile-time
+    constant, so the form can pick any of them. With `cluster`, every task also gets its
+    Kubernetes settings (`apply_cluster`); with `local` (a kfp.local run, pipelines/local.py), the
+    code digest on every task and ingest's content-based cache key."""
+    if preset not in presets:
+        raise ConfigError(f"preset: {preset!r} is not among the presets compiled in ({', '.join(presets) or 'none'})")
+    default = preset
+    sections = {}
+    for name, params in presets.items():
+        p = params.as_dict()
+        p.pop("cluster")  # compile-time only: never reaches a step
+        if cluster is not None:  # promote writes onto the registry volume, whichever preset runs
+            p["registry"]["root"] = registry_root_on_cluster(params.registry.root, cluster)
+        sections[name] = p
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Raw data in, a served and versioned language model out.")
+    def config(*names: str) -> dict[str, dict[str, Any]]:
+        """A component's `config`: every preset's `names` sections."""
+        return {preset_name: {n: p[n] for n in names} for preset_name, p in sections.items()}
+
+    gate = sections[default]["registry"]["gate"]
+
     def distillery(
+        preset: str = default,
         source_uri: str = "",
-        source_config: dict = p["source"],
-        generate_config: dict = p["generate"],
-        validate_config: dict = p["validate"],
-        filter_config: dict = p["filter"],
-        split_config: dict = p["split"],
-        tokenizer_config: dict = p["tokenizer"],
-        model_config: dict = p["model"],
-        train_config: dict = p["train"],
-        reinforce_config: dict = p["reinforce"],
-        finetune_config: dict = p["finetune"],
-        evaluate_config: dict = p["evaluate"],
-        distill_config: dict = p["distill"],
-        quantize_config: dict = p["quantize"],
-        serve_config: dict = p["serve"],
-        registry_config: dict = p["registry"],
+        source_fields: dict = {},  # a mutable default: KFP reads it; nothing changes it
+        generate_rows: int = 0,
+        train_steps: int = 0,
+        train_lr: float = 0.0,
+        reinforce_steps: int = 0,
+        reinforce_lr: float = 0.0,
+        finetune_steps: int = 0,
+        finetune_lr: float = 0.0,
+        distill_steps: int = 0,
+        distill_lr: float = 0.0,
+        gate_metric: str = gate["metric"],
+        gate_min_gain: float = gate["min_gain"],
+        gate_minimums: dict = gate["minimums"],
     ):
-        ingest = data.ingest(source_uri=source_uri, source_config=source_config, generate_config=generate_config)
+        ingest = data.ingest(source_uri=source_uri, preset=preset, config=config("source", "generate"),
+                             source_fields=source_fields, generate_rows=generate_rows)
         ingest.set_display_name("ingest")
-        validate = data.validate(raw=ingest.outputs["raw"], source_config=source_config,
-                                 validate_config=validate_config)
+        validate = data.validate(raw=ingest.outputs["raw"], preset=preset, config=config("source", "validate"),
+                                 source_fields=source_fields)
         validate.set_display_name("validate")
-        kept = data.filter_rows(clean=validate.outputs["clean"], filter_config=filter_config)
+        kept = data.filter_rows(clean=validate.outputs["clean"], preset=preset, config=config("filter"))
         kept.set_display_name("filter")
-        split = data.split(kept=kept.outputs["kept"], split_config=split_config)
+        split = data.split(kept=kept.outputs["kept"], preset=preset, config=config("split"))
         split.set_display_name("split")
-        base = training.train_base(splits=split.outputs["splits"], tokenizer_config=tokenizer_config,
-                                   model_config=model_config, train_config=train_config)
+        splits = split.outputs["splits"]
+        base = training.train_base(splits=splits, preset=preset, config=config("tokenizer", "model", "train"),
+                                   train_steps=train_steps, train_lr=train_lr)
         base.set_display_name("train base")
-        reinforce = training.train_reinforce(base_model=base.outputs["model"], splits=split.outputs["splits"],
-                                             reinforce_config=reinforce_config)
+        reinforce = training.train_reinforce(base_model=base.outputs["model"], splits=splits, preset=preset,
+                                             config=config("reinforce"), reinforce_steps=reinforce_steps,
+                                             reinforce_lr=reinforce_lr)
         reinforce.set_display_name("train reinforce (GRPO)")
-        finetune = training.train_finetune(init_model=reinforce.outputs["model"], splits=split.outputs["splits"],
-                                           finetune_config=finetune_config)
+        finetune = training.train_finetune(init_model=reinforce.outputs["model"], splits=splits, preset=preset,
+                                           config=config("finetune"), finetune_steps=finetune_steps,
+                                           finetune_lr=finetune_lr)
         finetune.set_display_name("train finetune")
         evaluation = training.evaluate_stages(base_model=base.outputs["model"],
                                               reinforce_model=reinforce.outputs["model"],
                                               finetune_model=finetune.outputs["model"],
-                                              splits=split.outputs["splits"], evaluate_config=evaluate_config)
+                                              splits=splits, preset=preset, config=config("evaluate"))
         evaluation.set_display_name("evaluate stages")
-        student = compress.distill(teacher=finetune.outputs["model"], splits=split.outputs["splits"],
-                                   distill_config=distill_config)
+        student = compress.distill(teacher=finetune.outputs["model"], splits=splits, preset=preset,
+                                   config=config("distill"), distill_steps=distill_steps, distill_lr=distill_lr)
         student.set_display_name("distill")
-        int8 = compress.quantize(float_model=student.outputs["model"], splits=split.outputs["splits"],
-                                 quantize_config=quantize_config)
+        int8 = compress.quantize(float_model=student.outputs["model"], splits=splits, preset=preset,
+                                 config=config("quantize"))
         int8.set_display_name("quantize (INT8)")
-        repo = serve.serve_export(model=int8.outputs["model"], serve_config=serve_config)
+        repo = serve.serve_export(model=int8.outputs["model"], preset=preset, config=config("serve"))
         repo.set_display_name("serve.export (Triton repository)")
-        checked = serve.serve_check(repository=repo.outputs["repository"], serve_config=serve_config)
+        checked = serve.serve_check(repository=repo.outputs["repository"], preset=preset, config=config("serve"))
         checked.set_display_name("serve.check (real tritonserver)")
-        promoted = registry.promote(model=int8.outputs["model"], check=checked.outputs["check"],
-                                    registry_config=registry_config)
+        promoted = registry.promote(model=int8.outputs["model"], check=checked.outputs["check"], preset=preset,
+                                    config=config("registry"), gate_metric=gate_metric, gate_min_gain=gate_min_gain,
+                                    gate_minimums=gate_minimums)
         promoted.set_display_name("registry.promote (staging, gated)")
         tasks = [ingest, validate, kept, split, base, reinforce, finetune, evaluation, student, int8, repo,
                  checked, promoted]
@@ -153,7 +208,50 @@ def build_pipeline(params: PipelineParams, cluster: ClusterConfig | None = None,
         if cluster is not None:
             apply_cluster({task.name: task for task in tasks}, cluster)
 
-    return distillery
+    distillery.__doc__ = _run_form_doc(sections, default)  # read by the decorator: set it first
+    return dsl.pipeline(name=PIPELINE_NAME, description="Raw data in, a served and versioned language model out.")(
+        distillery)
+
+
+def _run_form_doc(sections: dict[str, dict[str, Any]], default: str) -> str:
+    """The pipeline function's docstring. KFP reads its Google-style `Args:` section into the IR
+    (`root.inputDefinitions.parameters.<name>.description`), which the Kubeflow UI shows beside
+    each field of the run form; the presets' own values are written out, so the form says what
+    0 keeps."""
+    names = list(sections)
+    compiled = sections[default]
+    args = {
+        "preset": f"The step settings to run: one of {', '.join(names)} (compiled: {default}). The numbers below "
+                  f"left at 0 take this preset's values; every other setting comes with it.",
+        "source_uri": "The raw data file (JSONL, Parquet, CSV or plain text) at a path the pods can read (a mounted "
+                      "volume); empty: the built-in synthetic sample set. Object-store URIs (gs://, s3://) are not "
+                      "read yet.",
+        "source_fields": 'The data\'s field names by canonical name (id, prompt, response, answer), e.g. {"prompt": '
+                         '"question", "response": "answer"} for GSM8K; it replaces the whole mapping; {} keeps the '
+                         f"preset's: {json.dumps(compiled['source']['fields'])}.",
+    }
+    for name, (key, text) in RUN_FORM_NUMBERS.items():
+        values = ", ".join(f"{preset} {_shown(_at(p, key))}" for preset, p in sections.items())
+        args[name] = f"{text}; 0 keeps the preset's: {values}."
+    for name, (key, text) in GATE_PARAMETERS.items():
+        args[name] = f"{text}. Default: the compiled preset's ({default}); this value applies whichever preset runs."
+        if len({json.dumps(_at(p, key), sort_keys=True) for p in sections.values()}) > 1:
+            args[name] += " The presets' own: " + ", ".join(f"{preset} {_shown(_at(p, key))}"
+                                                           for preset, p in sections.items()) + "."
+    return "Raw data in, a served and versioned language model out.\n\nArgs:\n" + "".join(
+        f"    {name}: {text}\n" for name, text in args.items())
+
+
+def _at(sections: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        sections = sections[key]
+    return sections
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def apply_cluster(tasks: dict[str, Any], cluster: ClusterConfig) -> None:
@@ -182,8 +280,9 @@ def apply_cluster(tasks: dict[str, Any], cluster: ClusterConfig) -> None:
             kubernetes.mount_pvc(task, pvc_name=cluster.checkpoint_pvc, mount_path=cluster.checkpoint_mount)
             task.set_env_variable(CHECKPOINT_ENV, cluster.checkpoint_mount)
         if name in DVC_TASKS and cluster.dvc_secret and cluster.dvc_secret_env:
-            kubernetes.use_secret_as_env(task, secret_name=cluster.dvc_secret,
-                                         secret_key_to_env=dict(cluster.dvc_secret_env))
+            kubernetes.use_secret_as_env(task, secret_name=cluster.dvc_secret,  # optional: a cluster without
+                                         secret_key_to_env=dict(cluster.dvc_secret_env),  # it reads mounted paths
+                                         optional=True)
         if name == "promote" and cluster.registry_pvc:
             kubernetes.mount_pvc(task, pvc_name=cluster.registry_pvc, mount_path=cluster.registry_mount)
         if name in RETRY_TASKS and cluster.retries > 0:
@@ -237,6 +336,42 @@ def _toleration(index: int, toleration: dict[str, str]) -> dict[str, str]:
     return {"key": toleration.get("key"), "operator": operator, "value": toleration.get("value"), "effect": effect}
 
 
-def compile_pipeline(params: PipelineParams, out: str, on_cluster: bool = True) -> None:
-    """Write the pipeline's IR YAML to `out`, with the cluster settings unless `on_cluster` is False."""
-    compiler.Compiler().compile(build_pipeline(params, params.cluster if on_cluster else None), package_path=out)
+def resolve_presets(path: str | os.PathLike | None = None, preset: str | None = None,
+                    overrides: dict[str, Any] | None = None) -> tuple[dict[str, PipelineParams], str]:
+    """(every preset of the params file at `path`, each with `overrides` (--set) laid over it; the
+    chosen one's name). The chosen one (`preset`, default: the params file as it is) is loaded as
+    every other command loads it, so the run form's default is what `distillery params` shows."""
+    params, chosen = load_params(path, preset, overrides)
+    presets = {name: params if name == chosen else load_params(path, name, overrides)[0]
+               for name in preset_names(path)}
+    presets.setdefault(chosen, params)
+    return presets, chosen
+
+
+def compile_pipeline(out: str, path: str | os.PathLike | None = None, preset: str | None = None,
+                     overrides: dict[str, Any] | None = None, on_cluster: bool = True, cpu: bool = False) -> str:
+    """Write the pipeline's IR YAML to `out`, with every preset of the params file (`resolve_presets`)
+    and `preset` the run form's default; with the cluster settings unless `on_cluster` is False,
+    and with `cpu` those of a cluster without GPUs (`CPU_ONLY`). Returns `cluster_asks`' line."""
+    if cpu:
+        overrides = {**(overrides or {})}
+        overrides["cluster"] = {**overrides.get("cluster", {}), **CPU_ONLY}
+    presets, chosen = resolve_presets(path, preset, overrides)
+    cluster = presets[chosen].cluster if on_cluster else None
+    compiler.Compiler().compile(build_pipeline(presets, chosen, cluster), package_path=out)
+    return cluster_asks(cluster) if cluster is not None else "no cluster settings (a local build)"
+
+
+def cluster_asks(cluster: ClusterConfig) -> str:
+    """One line: what a pipeline compiled with `cluster` asks of the cluster (GPUs, the Secret, the
+    volumes), so that a default compile's 8 GPUs and DVC Secret surprise nobody."""
+    if cluster.gpus_per_node > 0:
+        others = [t for t in GPU_TASKS if t not in MULTI_GPU_TASKS]
+        gpus = f"{cluster.gpus_per_node} {cluster.gpu_type} on {', '.join(MULTI_GPU_TASKS)} and 1 on {', '.join(others)}"
+    else:
+        gpus = "no GPUs (the CPU image everywhere)"
+    secret = (f"Secret {cluster.dvc_secret} on ingest (optional)" if cluster.dvc_secret and cluster.dvc_secret_env
+              else "no Secret")
+    pvcs = ", ".join(pvc for pvc in (cluster.checkpoint_pvc, cluster.registry_pvc) if pvc) or "none"
+    return (f"asks the cluster for {gpus}; {secret}; PVCs {pvcs} "
+            f"(params.yaml `cluster`; --set cluster.KEY=VALUE, --cpu)")

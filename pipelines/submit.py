@@ -6,8 +6,9 @@
     distillery schedule --host http://localhost:8080 --list                  # recurring runs, one per line
     distillery schedule --host http://localhost:8080 --disable ID            # or --delete ID
 
-Both compile the pipeline the way `distillery compile` does (preset, --set, and the `cluster`
-section as Kubernetes settings), then upload it through `kfp.Client`: a new pipeline the first
+Both compile the pipeline the way `distillery compile` does (every preset, --preset the run
+form's default, --set, the `cluster` section as Kubernetes settings, --cpu), say what it asks of
+the cluster in one line, then upload it through `kfp.Client`: a new pipeline the first
 time, a new version of it afterwards (named by the UTC time and the package's hash), so every
 run records exactly which compiled DAG it ran. Runs go into an experiment (made when missing).
 
@@ -49,6 +50,9 @@ EVERY = re.compile(r"@every ((\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+)")
 MAX_CONCURRENCY = 10
 """KFP's API server accepts max_concurrency 1..10."""
 FINISHED = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "ERROR")
+CPU_HELP = ("compile for a cluster without GPUs: no accelerators (cluster.gpus_per_node 0), no GPU node selector "
+            "or tolerations, the CPU image on every task")
+"""The --cpu flag of compile, submit and schedule (pipelines/pipeline.py CPU_ONLY)."""
 
 
 class SubmitError(RuntimeError):
@@ -306,6 +310,7 @@ def add_parsers(sub: Any, common: Any, submit_func: Any, schedule_func: Any) -> 
     kfp.add_argument("--experiment", default=PIPELINE_NAME, help="the experiment (made if missing)")
     kfp.add_argument("--pipeline-name", default=PIPELINE_NAME, help="the pipeline (a new version is uploaded)")
     kfp.add_argument("--source", help="the run's source_uri: a data file the pods can read (default: sample set)")
+    kfp.add_argument("--cpu", action="store_true", help=CPU_HELP)
     sbm = sub.add_parser("submit", parents=[kfp], help="compile, upload (a new version) and run on Kubeflow")
     sbm.add_argument("--run-name", help="default: '<pipeline> <UTC time> UTC'")
     sbm.add_argument("--wait", action="store_true", help="wait for the run to end; exit 1 unless it succeeded")
@@ -326,12 +331,14 @@ def add_parsers(sub: Any, common: Any, submit_func: Any, schedule_func: Any) -> 
     sch.set_defaults(func=schedule_func)
 
 
-def _package(params: Any, folder: str) -> Path:
-    """Compile the pipeline (with the cluster settings) into `folder` for upload."""
+def _package(args: Any, overrides: dict[str, Any], folder: str, command: str) -> Path:
+    """Compile the pipeline (with the cluster settings) into `folder` for upload, as `distillery
+    compile` does, and say what it asks of the cluster."""
     from pipelines.pipeline import compile_pipeline
 
     package = Path(folder) / "pipeline.yaml"
-    compile_pipeline(params, str(package))
+    asks = compile_pipeline(str(package), args.params, args.preset, overrides, cpu=args.cpu)
+    print(f"{command}: the pipeline {asks}", flush=True)
     return package
 
 
@@ -352,14 +359,14 @@ def _run_params(args: Any) -> dict[str, Any]:
     return {"source_uri": args.source} if args.source else {}
 
 
-def command_submit(args: Any, params: Any) -> None:
-    """`distillery submit`: compile, upload, run; print the run's id and URL."""
+def command_submit(args: Any, overrides: dict[str, Any]) -> None:
+    """`distillery submit`: compile (with `overrides`, --set), upload, run; print the run's id and URL."""
     import tempfile
 
     check_host(args.host)
     run_name = args.run_name or f"{args.pipeline_name} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC"
     with tempfile.TemporaryDirectory() as folder:
-        package = _package(params, folder)  # a parameter error stops us before any request
+        package = _package(args, overrides, folder, "submit")  # a parameter error stops us before any request
         client, host = _client(args)
         result = submit(client, package, host=host, pipeline_name=args.pipeline_name, experiment=args.experiment,
                         run_name=run_name, namespace=args.namespace, params=_run_params(args), wait=args.wait,
@@ -370,8 +377,9 @@ def command_submit(args: Any, params: Any) -> None:
         print(f"submit: run {result['run_id']} {result['state']}")
 
 
-def command_schedule(args: Any, load_params: Any) -> None:
-    """`distillery schedule`: --cron (compile, upload, recurring run), --list, --delete, --disable."""
+def command_schedule(args: Any, overrides: Any) -> None:
+    """`distillery schedule`: --cron (compile, upload, recurring run), --list, --delete, --disable;
+    `overrides` gives --set's mapping when a compile needs it."""
     import tempfile
 
     check_host(args.host)
@@ -395,11 +403,10 @@ def command_schedule(args: Any, load_params: Any) -> None:
         raise ConfigError(f"--end {args.end}: not after --start {args.start}")
     if not 1 <= args.max_concurrency <= MAX_CONCURRENCY:
         raise ConfigError(f"--max-concurrency {args.max_concurrency}: KFP takes 1 to {MAX_CONCURRENCY}")
-    params = load_params()
     if note:
         print(note)
     with tempfile.TemporaryDirectory() as folder:
-        package = _package(params, folder)
+        package = _package(args, overrides(), folder, "schedule")
         client, host = _client(args)
         result = schedule(client, package, host=host, cron=cron, name=args.name, pipeline_name=args.pipeline_name,
                           experiment=args.experiment, namespace=args.namespace, max_concurrency=args.max_concurrency,

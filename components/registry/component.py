@@ -1,5 +1,8 @@
 """Kubeflow Pipelines component of the registry step: the KFP interface and nothing else.
 
+It takes every preset's registry section (`config`, a compile-time constant), the run's
+`preset` and the run form's gate values, which are laid over it as given (their defaults are the
+compiled values), resolved by `preset_config` (components/kfp_io.py).
 (No `from __future__ import annotations` here: KFP reads the annotations as types.)
 """
 
@@ -10,8 +13,8 @@ from components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote(model: Input[Model], check: Input[Artifact], registry_config: dict, report: Output[HTML],
-            metrics: Output[Metrics]):
+def promote(model: Input[Model], check: Input[Artifact], preset: str, config: dict, gate_metric: str,
+            gate_min_gain: float, gate_minimums: dict, report: Output[HTML], metrics: Output[Metrics]):
     """registry.promote: register the checked INT8 model in the GTO registry and move it to
     staging if it beats production on the gate metrics (a refusal is reported, not an error).
     It changes the registry, a side effect: the pipeline turns caching off for it."""
@@ -20,11 +23,13 @@ def promote(model: Input[Model], check: Input[Artifact], registry_config: dict, 
     from pathlib import Path
 
     from components.config import from_dict
-    from components.kfp_io import html_page, log_metrics
+    from components.kfp_io import html_page, log_metrics, preset_config
     from components.registry import release
     from components.registry.config import RegistryConfig
 
-    cfg = from_dict(RegistryConfig, registry_config, "registry")
+    gate = {"registry.gate.metric": gate_metric, "registry.gate.min_gain": gate_min_gain,
+            "registry.gate.minimums": gate_minimums}
+    cfg = from_dict(RegistryConfig, preset_config(config, preset, exact=gate)["registry"], "registry")
     folder = Path(model.path)
     load = Path(check.path) / "loadtest.json"
     out = Path(tempfile.mkdtemp())  # promotion.md goes into the HTML artifact

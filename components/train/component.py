@@ -1,7 +1,9 @@
 """Kubeflow Pipelines components of the training stages: the KFP interface and nothing else.
 
-On a cluster the training steps train on the mounted checkpoint volume, so a retried pod
-resumes (components/kfp_io.py `training_dir`).
+Each takes every preset's sections for its step (`config`, a compile-time constant), the run's
+`preset` and the run form's flat values for it (0: the preset's), resolved by `preset_config`
+(components/kfp_io.py). On a cluster the training steps train on the mounted checkpoint volume,
+keyed by the resolved configs, so a retried pod resumes (components/kfp_io.py `training_dir`).
 (No `from __future__ import annotations` here: KFP reads the annotations as types.)
 """
 
@@ -12,81 +14,84 @@ from components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train_base(splits: Input[Dataset], tokenizer_config: dict, model_config: dict, train_config: dict,
-               model: Output[Model], metrics: Output[Metrics], loss_curve: Output[HTML]):
+def train_base(splits: Input[Dataset], preset: str, config: dict, model: Output[Model], metrics: Output[Metrics],
+               loss_curve: Output[HTML], train_steps: int = 0, train_lr: float = 0.0):
     """Base-stage pretraining on DeepSpeed from the split's train/val rows, one process per GPU
     of the pod (components/train/launch.py: the train.pipeline_parallel x tensor_parallel layout
     spans them); the output folder holds the checkpoints, metrics.jsonl, loss.png and model/."""
     from pathlib import Path
 
     from components.config import from_dict
-    from components.kfp_io import html_page, log_metrics, training_dir
+    from components.kfp_io import html_page, log_metrics, preset_config, training_dir
     from components.model import ModelConfig
     from components.train import launch
     from components.train.config import TokenizerConfig, TrainConfig
 
-    with training_dir(model, "train-base", splits, tokenizer_config, model_config, train_config) as work:
-        summary = launch.run_base(from_dict(ModelConfig, model_config, "model"),
-                                  from_dict(TrainConfig, train_config, "train"),
-                                  from_dict(TokenizerConfig, tokenizer_config, "tokenizer"), work, splits.path)
+    cfg = preset_config(config, preset, {"train.steps": train_steps, "train.lr": train_lr})
+    tok = from_dict(TokenizerConfig, cfg["tokenizer"], "tokenizer")
+    arch, train = from_dict(ModelConfig, cfg["model"], "model"), from_dict(TrainConfig, cfg["train"], "train")
+    with training_dir(model, "train-base", splits, tok, arch, train) as work:
+        summary = launch.run_base(arch, train, tok, work, splits.path)
     log_metrics(metrics, summary)
     html_page(loss_curve.path, "base stage loss", [str(Path(model.path) / "loss.png")])
 
 
-
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train_reinforce(base_model: Input[Model], splits: Input[Dataset], reinforce_config: dict,
-                    model: Output[Model], metrics: Output[Metrics], rewards_curve: Output[HTML]):
+def train_reinforce(base_model: Input[Model], splits: Input[Dataset], preset: str, config: dict,
+                    model: Output[Model], metrics: Output[Metrics], rewards_curve: Output[HTML],
+                    reinforce_steps: int = 0, reinforce_lr: float = 0.0):
     """GRPO with verifiable rewards from the base stage's model; the output folder holds the
     checkpoints, metrics.jsonl, rewards.png and model/."""
     from pathlib import Path
 
     from components.config import from_dict
-    from components.kfp_io import html_page, log_metrics, training_dir
+    from components.kfp_io import html_page, log_metrics, preset_config, training_dir
     from components.train import stages
     from components.train.config import ReinforceConfig
 
-    with training_dir(model, "train-reinforce", base_model, splits, reinforce_config) as work:
-        summary = stages.run_reinforce(from_dict(ReinforceConfig, reinforce_config, "reinforce"),
-                                       str(Path(base_model.path) / "model"), splits.path, work)
+    cfg = preset_config(config, preset, {"reinforce.steps": reinforce_steps, "reinforce.lr": reinforce_lr})
+    rl = from_dict(ReinforceConfig, cfg["reinforce"], "reinforce")
+    with training_dir(model, "train-reinforce", base_model, splits, rl) as work:
+        summary = stages.run_reinforce(rl, str(Path(base_model.path) / "model"), splits.path, work)
     log_metrics(metrics, summary)
     html_page(rewards_curve.path, "GRPO rewards", [str(Path(model.path) / "rewards.png"),
                                                    str(Path(model.path) / "loss.png")])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train_finetune(init_model: Input[Model], splits: Input[Dataset], finetune_config: dict,
-                   model: Output[Model], metrics: Output[Metrics]):
+def train_finetune(init_model: Input[Model], splits: Input[Dataset], preset: str, config: dict,
+                   model: Output[Model], metrics: Output[Metrics], finetune_steps: int = 0, finetune_lr: float = 0.0):
     """Supervised fine-tune (response tokens, top layers) from the reinforce stage's model."""
     from pathlib import Path
 
     from components.config import from_dict
-    from components.kfp_io import log_metrics, training_dir
+    from components.kfp_io import log_metrics, preset_config, training_dir
     from components.train import stages
     from components.train.config import FinetuneConfig
 
-    with training_dir(model, "train-finetune", init_model, splits, finetune_config) as work:
-        summary = stages.run_finetune(from_dict(FinetuneConfig, finetune_config, "finetune"),
-                                      str(Path(init_model.path) / "model"), splits.path, work)
+    cfg = preset_config(config, preset, {"finetune.steps": finetune_steps, "finetune.lr": finetune_lr})
+    ft = from_dict(FinetuneConfig, cfg["finetune"], "finetune")
+    with training_dir(model, "train-finetune", init_model, splits, ft) as work:
+        summary = stages.run_finetune(ft, str(Path(init_model.path) / "model"), splits.path, work)
     log_metrics(metrics, summary)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate_stages(base_model: Input[Model], reinforce_model: Input[Model], finetune_model: Input[Model],
-                    splits: Input[Dataset], evaluate_config: dict, report: Output[HTML],
+                    splits: Input[Dataset], preset: str, config: dict, report: Output[HTML],
                     metrics: Output[Metrics]):
     """Held-out accuracy and perplexity of the three stages' models, a table and a plot."""
     from pathlib import Path
 
     from components.config import from_dict
-    from components.kfp_io import html_page, log_metrics
+    from components.kfp_io import html_page, log_metrics, preset_config
     from components.train import evaluate
     from components.train.config import EvaluateConfig
 
     import tempfile
 
     out = Path(tempfile.mkdtemp()) / "evaluate"  # the table and plot go into the HTML artifact
-    result = evaluate.run(from_dict(EvaluateConfig, evaluate_config, "evaluate"),
+    result = evaluate.run(from_dict(EvaluateConfig, preset_config(config, preset)["evaluate"], "evaluate"),
                           {name: str(Path(m.path) / "model") for name, m in
                            (("base", base_model), ("reinforce", reinforce_model), ("finetune", finetune_model))},
                           splits.path, out)

@@ -52,9 +52,9 @@ class Compiled:
         return executors.get("executors", {}).get(self.executor_label(task), {})
 
 
-def _compile(tmp_path, *sets: str, name: str = "pipeline.yaml") -> Compiled:
+def _compile(tmp_path, *sets: str, name: str = "pipeline.yaml", flags: tuple[str, ...] = ()) -> Compiled:
     out = tmp_path / name
-    args = ["compile", "--preset", "tiny", "--out", str(out)]
+    args = ["compile", "--preset", "tiny", "--out", str(out), *flags]
     for item in sets:
         args += ["--set", item]
     assert main(args) == 0
@@ -115,6 +115,7 @@ def test_volumes_secret_node_selector_tolerations(default):
             (secret,) = k8s["secretAsEnv"]
             assert secret["secretNameParameter"]["runtimeValue"]["constant"] == cluster.dvc_secret
             assert {m["secretKey"]: m["envVar"] for m in secret["keyToEnv"]} == cluster.dvc_secret_env
+            assert secret["optional"] is True  # a cluster without the Secret still ingests a mounted path
         else:
             assert "secretAsEnv" not in k8s, task
     # no credential value anywhere in the YAML: only the Secret's name and keys
@@ -146,11 +147,38 @@ def test_retries_and_caching(default):
     assert all(default.tasks[t]["cachingOptions"]["enableCache"] for t in ("validate", "split", *TRAINING))
 
 
+def _promote_config(compiled: Compiled) -> dict:
+    """promote's compile-time constant: every preset's registry section."""
+    return compiled.tasks["promote"]["inputs"]["parameters"]["config"]["runtimeValue"]["constant"]
+
+
 def test_cluster_is_not_a_run_parameter_and_registry_moves_onto_its_volume(default):
     inputs = default.spec["root"]["inputDefinitions"]["parameters"]
     assert not [name for name in inputs if "cluster" in name]
     assert "gpus_per_node" not in json.dumps(inputs)
-    assert inputs["registry_config"]["defaultValue"]["root"] == "/mnt/registry/registry"
+    assert "cluster" not in json.dumps(default.spec["root"]["dag"]["tasks"])  # nor a step's constant
+    roots = {name: sections["registry"]["root"] for name, sections in _promote_config(default).items()}
+    assert len(roots) > 1 and set(roots.values()) == {"/mnt/registry/registry"}  # every preset's
+
+
+def test_cpu_flag_asks_for_no_gpu_node_selector_or_toleration(tmp_path, capsys):
+    """`distillery compile --cpu`: a CPU-only cluster; the line after writing says what is asked."""
+    from components.image import IMAGE
+
+    _compile(tmp_path, name="gpu.yaml")
+    asks = capsys.readouterr().out.splitlines()[-1]
+    assert asks.startswith("compile: the pipeline asks the cluster for 8 nvidia.com/gpu on train-base and 1 on ")
+    assert "Secret distillery-dvc-remote on ingest (optional)" in asks
+    assert "PVCs distillery-checkpoints, distillery-registry" in asks
+    cpu = _compile(tmp_path, name="cpu.yaml", flags=("--cpu",))
+    asks = capsys.readouterr().out.splitlines()[-1]
+    assert "no GPUs" in asks and "nvidia.com/gpu" not in asks and "(optional)" in asks
+    for task in ALL_TASKS:
+        assert "accelerator" not in cpu.container(task).get("resources", {}), task
+        assert "nodeSelector" not in cpu.k8s(task) and "tolerations" not in cpu.k8s(task), task
+        assert cpu.container(task)["image"] == IMAGE, task
+    assert "accelerator" not in json.dumps(cpu.spec) and "nvidia" not in json.dumps(cpu.platform)
+    assert cpu.k8s("train-base")["pvcMount"] and cpu.k8s("ingest")["secretAsEnv"]  # the rest stays
 
 
 def test_settings_follow_the_config(tmp_path):
@@ -181,13 +209,12 @@ def test_local_builds_carry_no_cluster_settings(tmp_path):
     """kfp.local honours retries: `distillery run` builds the DAG without any of it."""
     tiny, _ = load_params(REPO_PARAMS, "tiny")
     out = tmp_path / "local.yaml"
-    compile_pipeline(tiny, str(out), on_cluster=False)
+    compile_pipeline(str(out), REPO_PARAMS, "tiny", on_cluster=False)
     local = Compiled(out)
     assert not local.platform
     assert all("retryPolicy" not in t for t in local.tasks.values())
     assert all("resources" not in local.container(t) and "env" not in local.container(t) for t in ALL_TASKS)
-    assert local.spec["root"]["inputDefinitions"]["parameters"]["registry_config"]["defaultValue"]["root"] == \
-        tiny.registry.root
+    assert _promote_config(local)["tiny"]["registry"]["root"] == tiny.registry.root
     assert not local.tasks["promote"]["cachingOptions"].get("enableCache")
 
 
@@ -214,6 +241,7 @@ CHECKPOINT_RUN = textwrap.dedent("""
     from components.config import from_dict
     from components.data import generate, split
     from components.data.config import GenerateConfig, SplitConfig
+    from components.kfp_io import training_key
     from components.train import base
     from components.train import component as training
     from pipelines.params import load_params
@@ -225,15 +253,15 @@ CHECKPOINT_RUN = textwrap.dedent("""
     model = dsl.Model(uri=str(root / "artifact" / "model"))
     metrics, curve = dsl.Metrics(uri=str(root / "artifact" / "metrics")), dsl.HTML(uri=str(root / "artifact" / "curve"))
     # a first attempt that trained to its last checkpoint on the volume, then lost its pod
-    import hashlib
-    work = volume / hashlib.sha256(model.uri.encode()).hexdigest()[:16]
+    splits = dsl.Dataset(uri=str(root / "split"))
+    work = volume / training_key("train-base", splits, params.tokenizer, params.model, params.train)
     base.run(params.model, params.train, params.tokenizer, work, data_dir=root / "split", progress=False)
     first = (work / "model" / "model.safetensors").read_bytes()
     first_log = (work / "metrics.jsonl").read_text()  # tokens/s per step: a retrain would not repeat it
     # the retry: same task, same output URI, the component with the volume in its environment
-    training.train_base.python_func(splits=dsl.Dataset(uri=str(root / "split")), tokenizer_config=
-        params.as_dict()["tokenizer"], model_config=params.as_dict()["model"], train_config=params.as_dict()["train"],
-        model=model, metrics=metrics, loss_curve=curve)
+    p = params.as_dict()
+    training.train_base.python_func(splits=splits, preset="tiny", config={"tiny": {s: p[s] for s in
+        ("tokenizer", "model", "train")}, "small": {}}, model=model, metrics=metrics, loss_curve=curve)
     out = Path(model.path)
     print(json.dumps({"same_model": (out / "model" / "model.safetensors").read_bytes() == first,
                       "same_log": (out / "metrics.jsonl").read_text() == first_log,
@@ -244,7 +272,8 @@ CHECKPOINT_RUN = textwrap.dedent("""
 
 def test_a_retried_training_step_resumes_from_the_checkpoint_volume(tmp_path):
     """The component half of the checkpoint PVC: with $DISTILLERY_CHECKPOINT_DIR set, train_base
-    works in a folder on the volume keyed by its output URI, so a retry finds the earlier attempt's
+    works in a folder on the volume keyed by its inputs (kfp_io.training_key: the split's URI and
+    the configs the run resolved from its preset), so a retry finds the earlier attempt's
     checkpoints (here: all of them, so it trains no further: its metrics.jsonl, with the first
     attempt's tokens/s, comes back byte for byte), and leaves the volume clean."""
     volume = tmp_path / "volume"

@@ -1,4 +1,5 @@
-"""The Kubeflow pipeline: compiled IR YAML loads back with kfp; the whole DAG runs with kfp.local."""
+"""The Kubeflow pipeline: compiled IR YAML loads back with kfp, its run form is flat, typed and
+described; the whole DAG runs with kfp.local, with a run-form value as the UI would pass it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,19 @@ import pytest
 import yaml
 
 from pipelines.cli import main
-from pipelines.params import REPO_PARAMS, load_params
+from pipelines.local import PipelineFailed, run_local
+from pipelines.params import REPO_PARAMS, load_params, preset_names
+from pipelines.pipeline import LOCAL_PRESET
+
+RUN_FORM = {"preset": ("STRING", "String"), "source_uri": ("STRING", "String"), "source_fields": ("STRUCT", "Dict"),
+            "generate_rows": ("NUMBER_INTEGER", "Integer"),
+            **{f"{stage}_{what}": ("NUMBER_INTEGER", "Integer") if what == "steps" else ("NUMBER_DOUBLE", "Float")
+               for stage in ("train", "reinforce", "finetune", "distill") for what in ("steps", "lr")},
+            "gate_metric": ("STRING", "String"), "gate_min_gain": ("NUMBER_DOUBLE", "Float"),
+            "gate_minimums": ("STRUCT", "Dict")}
+"""The run form: parameter -> (its IR type, the type kfp's loader gives it)."""
+FORM_TRAIN_STEPS = 20
+"""train_steps in the local run's form: not the tiny preset's 30, so the step shows it got there."""
 
 
 def test_compiled_pipeline_loads_back_with_kfp(tmp_path):
@@ -26,10 +39,8 @@ def test_compiled_pipeline_loads_back_with_kfp(tmp_path):
     assert set(tasks["quantize"]["dependentTasks"]) == {"distill", "split"}
     assert tasks["train-finetune"]["dependentTasks"] == ["split", "train-reinforce"] or \
         set(tasks["train-finetune"]["dependentTasks"]) == {"split", "train-reinforce"}
-    # the preset's values are the defaults of the run form
-    inputs = spec["root"]["inputDefinitions"]["parameters"]
-    tiny, _ = load_params(REPO_PARAMS, "tiny")
-    assert inputs["generate_config"]["defaultValue"]["rows"] == tiny.generate.rows
+    # the compiled preset is the run form's default
+    assert spec["root"]["inputDefinitions"]["parameters"]["preset"]["defaultValue"] == "tiny"
     # ingest reads a path whose content the cache key cannot see: never cached; the rest are
     assert not tasks["ingest"]["cachingOptions"].get("enableCache")
     assert all(tasks[t]["cachingOptions"]["enableCache"] for t in ("validate", "filter-rows", "split"))
@@ -40,10 +51,48 @@ def test_compiled_pipeline_loads_back_with_kfp(tmp_path):
         assert "pip install" not in " ".join(container["command"])
 
 
+def test_run_form_is_flat_typed_and_described(tmp_path):
+    """What the Kubeflow UI's run form shows: the flat parameters, typed, each with a description
+    (from the pipeline function's docstring), the numbers' descriptions listing every preset's
+    value; every preset's step settings are compiled into the components as constants."""
+    from kfp import components
+
+    out = tmp_path / "pipeline.yaml"
+    assert main(["compile", "--preset", "tiny", "--out", str(out)]) == 0
+    spec = next(yaml.safe_load_all(out.read_text()))
+    form = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(form) == set(RUN_FORM)
+    loaded = components.load_component_from_file(str(out)).component_spec.inputs
+    for name, (ir_type, kfp_type) in RUN_FORM.items():
+        assert form[name]["parameterType"] == ir_type and loaded[name].type == kfp_type, name
+        assert form[name]["description"].strip(), f"{name} has no description"
+    names = preset_names(REPO_PARAMS)
+    presets = {name: load_params(REPO_PARAMS, name)[0] for name in names}
+    assert len(names) > 1 and form["preset"]["defaultValue"] == "tiny"
+    assert all(name in form["preset"]["description"] for name in names)
+    steps = form["train_steps"]["description"]
+    assert form["train_steps"]["defaultValue"] == 0 and "0 keeps the preset's" in steps
+    assert all(f"{name} {params.train.steps}" in steps for name, params in presets.items()), steps
+    assert form["gate_metric"]["defaultValue"] == presets["tiny"].registry.gate.metric
+    assert form["gate_minimums"]["defaultValue"] == presets["tiny"].registry.gate.minimums
+    # every preset, whole, in the components' constant config; no step config is a run parameter
+    tasks = spec["root"]["dag"]["tasks"]
+    constant = tasks["train-base"]["inputs"]["parameters"]["config"]["runtimeValue"]["constant"]
+    assert set(constant) == set(names)
+    assert {name: constant[name]["train"]["steps"] for name in names} == {n: p.train.steps for n, p in presets.items()}
+    assert set(constant["base"]) == {"tokenizer", "model", "train"}  # only the sections the step needs
+    assert tasks["train-base"]["inputs"]["parameters"]["train_steps"] == {"componentInputParameter": "train_steps"}
+    assert all("config" in t["inputs"]["parameters"] and t["inputs"]["parameters"]["preset"] ==
+               {"componentInputParameter": "preset"} for t in tasks.values())
+
+
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
+    """The tiny preset through the whole DAG with kfp.local, once, as `distillery run` runs it
+    (pipelines/local.py), with one run-form value the UI could pass: train_steps."""
     out = tmp_path_factory.mktemp("run")
-    assert main(["run", "--preset", "tiny", "--out", str(out)]) == 0
+    params, _ = load_params(REPO_PARAMS, "tiny", {"registry": {"root": str(out / "registry")}})
+    run_local(params, out, arguments={"train_steps": FORM_TRAIN_STEPS})
     return out / "latest"
 
 
@@ -60,7 +109,7 @@ def test_local_run_writes_every_artifact(local_run):
     base = local_run / "train-base" / "model"
     assert (base / "model" / "model.safetensors").is_file() and (base / "model" / "tokenizer").is_dir()
     losses = [json.loads(line)["loss"] for line in open(base / "metrics.jsonl")]
-    assert len(losses) == 30 and losses[-1] < losses[0]  # the tiny preset's 30 steps, learning
+    assert len(losses) == FORM_TRAIN_STEPS and losses[-1] < losses[0]  # the run form's steps, not the preset's
     assert "data:image/png;base64," in (local_run / "train-base" / "loss_curve").read_text()
     # the chain: reinforce from base, finetune from reinforce, evaluate all three
     rl = local_run / "train-reinforce" / "model"
@@ -104,6 +153,16 @@ def test_local_run_lineage_and_conservation(local_run):
     outputs = json.loads((local_run / "validate" / "executor_output.json").read_text())["artifacts"]
     (logged,) = outputs["metrics"]["artifacts"]
     assert logged["metadata"]["clean"] == val["metrics"]["clean"]  # KFP Metrics carry the step's metrics
+
+
+def test_an_unknown_preset_fails_the_first_step_naming_the_known_ones(tmp_path):
+    tiny, _ = load_params(REPO_PARAMS, "tiny")
+    with pytest.raises(PipelineFailed) as err:
+        run_local(tiny, tmp_path / "run", arguments={"preset": "huge"})
+    message = str(err.value)
+    assert "step ingest failed" in message and "\n" not in message
+    assert f"preset: unknown preset 'huge'; known: {LOCAL_PRESET}" in message
+    assert not list((tmp_path / "run" / "kfp").glob("*/validate"))  # nothing ran after it
 
 
 def test_local_run_on_a_bad_source_names_the_line_before_starting(tmp_path, capsys):

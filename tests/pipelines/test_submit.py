@@ -210,8 +210,7 @@ def _no_kfp_context(tmp_path, monkeypatch):
 def tiny_package(tmp_path_factory):
     """The tiny preset compiled the way submit compiles it (cluster settings in): what must be uploaded."""
     out = tmp_path_factory.mktemp("compiled") / "pipeline.yaml"
-    params, _ = load_params(REPO_PARAMS, "tiny")
-    compile_pipeline(params, str(out))
+    compile_pipeline(str(out), REPO_PARAMS, "tiny")
     return list(yaml.safe_load_all(out.read_text()))
 
 
@@ -225,7 +224,9 @@ def test_submit_uploads_the_compiled_pipeline_and_runs_that_version(kfp, tiny_pa
     tasks = docs[0]["root"]["dag"]["tasks"]
     assert {"train-base", "serve-check", "promote"} <= set(tasks)
     tiny, _ = load_params(REPO_PARAMS, "tiny")
-    assert docs[0]["root"]["inputDefinitions"]["parameters"]["train_config"]["defaultValue"]["steps"] == tiny.train.steps
+    assert docs[0]["root"]["inputDefinitions"]["parameters"]["preset"]["defaultValue"] == "tiny"
+    config = tasks["train-base"]["inputs"]["parameters"]["config"]["runtimeValue"]["constant"]
+    assert config["tiny"]["train"]["steps"] == tiny.train.steps
     (version,) = kfp.versions.values()
     (experiment,) = kfp.calls("POST", f"{API}/experiments")
     assert experiment["body"]["display_name"] == "retrain"
@@ -236,14 +237,18 @@ def test_submit_uploads_the_compiled_pipeline_and_runs_that_version(kfp, tiny_pa
     assert run["body"]["experiment_id"] == next(iter(kfp.experiments))
     assert "pipeline_spec" not in run["body"]  # the run points at the uploaded version, not a second copy
     (run_id,) = kfp.runs
-    assert f"{kfp.url}/#/runs/details/{run_id}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{kfp.url}/#/runs/details/{run_id}" in out
+    assert "submit: the pipeline asks the cluster for 8 nvidia.com/gpu on train-base" in out  # before uploading
 
 
 def test_a_second_submit_uploads_a_new_version_and_reuses_the_experiment(kfp, capsys):
     assert main(["submit", "--host", kfp.url, "--preset", "tiny"]) == 0
-    assert main(["submit", "--host", kfp.url, "--preset", "tiny", "--source", "/data/raw.jsonl"]) == 0
+    assert main(["submit", "--host", kfp.url, "--preset", "tiny", "--source", "/data/raw.jsonl", "--cpu"]) == 0
     assert len(kfp.calls("POST", f"{API}/pipelines/upload")) == 1
     (again,) = kfp.calls("POST", f"{API}/pipelines/upload_version")
+    assert b"accelerator" not in again["body"]["uploadfile"]  # --cpu compiles as `distillery compile --cpu`
+    assert "submit: the pipeline asks the cluster for no GPUs" in capsys.readouterr().out
     (pid,) = kfp.pipelines
     assert again["query"]["pipelineid"] == [pid]
     assert again["query"]["name"][0].startswith("distillery-")  # <name>-<UTC time>-<package hash>
