@@ -76,16 +76,74 @@ def default_params_path() -> Path:
     raise ConfigError("no params.yaml found (looked in the working folder, $DISTILLERY_PARAMS and the repository)")
 
 
-def load_params(path: str | os.PathLike | None = None, preset: str | None = None,
-                overrides: dict[str, Any] | None = None) -> tuple[PipelineParams, str]:
-    """(params, preset name) from `path`, with `preset` (default: the file's `preset:` key)."""
-    path = Path(path) if path else default_params_path()
+def conf_dir(path: Path) -> Path | None:
+    """The Hydra config folder that composes the params file `path`: `conf/` beside it."""
+    conf = path.resolve().parent / "conf"
+    return conf if (conf / "config.yaml").is_file() else None
+
+
+def compose(conf: Path, preset: str, overrides: list[str] = ()) -> dict[str, Any]:
+    """conf/config.yaml with conf/preset/<preset>.yaml laid over it (and Hydra `overrides`), as a
+    plain mapping: exactly what DVC writes to params.yaml for `dvc exp run -S preset=<preset>`
+    (it calls the same Hydra compose)."""
+    known = sorted(p.stem for p in (conf / "preset").glob("*.yaml"))
+    if preset not in known:
+        raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(known) or 'none'} ({conf / 'preset'})")
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(conf.resolve()), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=[f"preset={preset}", *overrides])
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"{conf}: cannot compose preset {preset!r}: {str(err).splitlines()[0]}") from None
+
+
+def _read(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: cannot read parameters: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def load_params(path: str | os.PathLike | None = None, preset: str | None = None,
+                overrides: dict[str, Any] | None = None) -> tuple[PipelineParams, str]:
+    """(params, preset name). Without `preset`: the params file as it is (DVC's view: what
+    `dvc params diff` shows is what runs). With `preset`: composed from the Hydra folder beside
+    the file (`conf_dir`), the file itself not read. A file of its own with a `presets:` mapping
+    (overrides by name, laid over its sections) picks from that instead. `overrides` (--set) go
+    on top; every key is checked against the step configs."""
+    path = Path(path) if path else default_params_path()
+    raw = _read(path)
+    where = str(path)
+    if "presets" in raw:
+        raw, chosen = _pick_preset(path, raw, preset)
+    elif preset:
+        conf = conf_dir(path)
+        if conf is None:
+            raise ConfigError(f"--preset {preset}: {path} has no presets and no conf/ folder beside it to compose "
+                              f"one from; drop --preset to use the file as it is")
+        raw, chosen, where = compose(conf, preset), preset, f"{conf}/preset/{preset}.yaml"
+    else:
+        chosen = raw.get("preset") or "custom"
+    raw.pop("preset", None)
+    merged = merge(PipelineParams, raw, overrides) if overrides else raw
+    try:
+        return from_dict(PipelineParams, merged), chosen
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _pick_preset(path: Path, raw: dict[str, Any], preset: str | None) -> tuple[dict[str, Any], str]:
+    """A params file with its own `presets:` mapping: the chosen one (`preset`, else the file's
+    `preset:` key, else small) laid over the file's sections; every preset is checked."""
     presets = raw.pop("presets", {}) or {}
     chosen = preset or raw.pop("preset", None) or "small"
     raw.pop("preset", None)
@@ -102,21 +160,15 @@ def load_params(path: str | os.PathLike | None = None, preset: str | None = None
             raise ConfigError(f"{path}: presets.{name}.{err}") from None
     if chosen not in presets:
         raise ConfigError(f"{path}: unknown preset {chosen!r}; known: {', '.join(presets) or 'none'}")
-    merged = merge(PipelineParams, raw, presets[chosen] or {})
-    if overrides:
-        merged = merge(PipelineParams, merged, overrides)
-    try:
-        return from_dict(PipelineParams, merged), chosen
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    return merge(PipelineParams, raw, presets[chosen] or {}), chosen
 
 
 def preset_names(path: str | os.PathLike | None = None) -> list[str]:
-    """The presets a params file offers (tiny, small, base for the repository's own)."""
+    """The presets `--preset` offers with this params file: its own `presets:`, or the Hydra
+    folder's (conf/preset/*.yaml: tiny, small, base for the repository's own)."""
     path = Path(path) if path else default_params_path()
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read parameters: {err}") from None
-    presets = raw.get("presets") if isinstance(raw, dict) else None
-    return list(presets) if isinstance(presets, dict) else []
+    raw = _read(path)
+    if isinstance(raw.get("presets"), dict):
+        return list(raw["presets"])
+    conf = conf_dir(path)
+    return sorted(p.stem for p in (conf / "preset").glob("*.yaml")) if conf else []

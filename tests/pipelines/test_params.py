@@ -1,11 +1,15 @@
-"""params.yaml: every preset loads, overrides apply, mistakes are named."""
+"""params.yaml and conf/: every preset composes and loads, params.yaml is the small composition,
+overrides apply, mistakes are named."""
 
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from components.config import ConfigError
-from pipelines.params import REPO_PARAMS, load_params
+from pipelines.params import REPO_PARAMS, compose, conf_dir, load_params, preset_names
+
+CONF = REPO_PARAMS.parent / "conf"
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "base"])
@@ -13,6 +17,34 @@ def test_every_preset_of_the_repository_loads(preset):
     params, name = load_params(REPO_PARAMS, preset)
     assert name == preset
     assert params.generate.rows > 0
+
+
+def test_the_presets_are_the_files_of_conf_preset():
+    assert sorted(preset_names(REPO_PARAMS)) == ["base", "small", "tiny"]
+    assert conf_dir(REPO_PARAMS) == CONF.resolve()
+
+
+def test_params_yaml_is_the_small_composition_so_dvc_shows_what_runs():
+    """`dvc repro` reads params.yaml as it is: it must be what Hydra composes for the default
+    preset (`distillery params --preset small --composed > params.yaml` after editing conf/)."""
+    assert yaml.safe_load(REPO_PARAMS.read_text()) == compose(CONF, "small")
+    as_file, name = load_params(REPO_PARAMS)
+    composed, _ = load_params(REPO_PARAMS, "small")
+    assert name == "small" and as_file == composed
+
+
+def test_without_a_preset_the_file_is_read_as_it_is(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("preset: tiny\ngenerate: {rows: 17}\n", encoding="utf-8")
+    params, name = load_params(p)
+    assert (name, params.generate.rows) == ("tiny", 17)  # no preset laid over it: what DVC shows runs
+    with pytest.raises(ConfigError, match="no presets and no conf/ folder"):
+        load_params(p, "small")
+
+
+def test_composition_errors_are_one_line_naming_the_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; known: base, small, tiny"):
+        load_params(REPO_PARAMS, "huge")
 
 
 def test_tiny_is_smaller_than_small():
