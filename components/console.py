@@ -41,12 +41,23 @@ class _Formatter(logging.Formatter):
         return (MARK + text) if os.environ.get(CONSOLE_ENV) else text
 
 
+class _Stderr(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is at each record (a test or a console may swap it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _logger() -> logging.Logger:
     logger = logging.getLogger("distillery")
-    if not any(getattr(h, "_distillery", False) for h in logger.handlers):
-        handler = logging.StreamHandler()  # sys.stderr, looked up at each record (pytest swaps it)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
         handler.setFormatter(_Formatter())
-        handler._distillery = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False

@@ -19,13 +19,14 @@
     distillery promote v0.0.2 --to production                       # the registry (GTO tags); rollback too
     distillery serve --repository runs/triton --stage production    # serving follows the stage
     distillery compile --out pipeline.yaml                  # IR YAML for the Kubeflow UI (cluster settings in)
+    distillery compile --cpu --out pipeline.yaml            # ... for a cluster without GPUs
     distillery submit --host http://localhost:8080 [--wait]   # upload (a new version) and run on Kubeflow
     distillery schedule --host http://localhost:8080 --cron "0 3 * * 1"   # recurring retraining; --list
     distillery render-job --stage base --out job.yaml        # the distributed training job (PyTorchJob/TrainJob)
     distillery params --preset tiny                         # the resolved parameters
 
-Every command reads params.yaml (`--params`), picks a preset (`--preset`) and takes overrides
-(`--set filter.folds=3`). Bad input or parameters end with one line naming the file, line or
+Every command reads params.yaml as it is (`--params FILE`), or composes a preset from conf/
+(`--preset tiny`, as `dvc exp run -S preset=tiny` does), and takes overrides (`--set filter.folds=3`). Bad input or parameters end with one line naming the file, line or
 key, exit status 2 (parameters) or 1 (data), and no output written. DVC's stages and the KFP
 components call the same step functions as these commands.
 """
@@ -297,20 +298,21 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compile_pipeline(_params(args), str(out))
+    asks = compile_pipeline(str(out), args.params, args.preset, _overrides(args.set), cpu=args.cpu)
     print(f"compile: wrote {out} (upload it in the Kubeflow UI: Pipelines > Upload pipeline)")
+    print(f"compile: the pipeline {asks}")
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
     from pipelines.submit import command_submit
 
-    command_submit(args, _params(args))
+    command_submit(args, _overrides(args.set))
 
 
 def cmd_schedule(args: argparse.Namespace) -> None:
     from pipelines.submit import command_schedule
 
-    command_schedule(args, lambda: _params(args))
+    command_schedule(args, lambda: _overrides(args.set))
 
 
 def cmd_render_job(args: argparse.Namespace) -> None:
@@ -351,7 +353,20 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_params(args: argparse.Namespace) -> None:
+    if args.composed:  # what DVC's Hydra writes to params.yaml for `dvc exp run -S preset=P`
+        from pipelines.params import REPO_PARAMS, compose, conf_dir
+
+        conf = conf_dir(Path(args.params or REPO_PARAMS))
+        if conf is None or not args.preset or args.set:
+            raise ConfigError("--composed: give --preset P (and no --set), with conf/ beside the params file")
+        print(PARAMS_HEADER + yaml.safe_dump(compose(conf, args.preset), sort_keys=False), end="")
+        return
     print(yaml.safe_dump(_params(args).as_dict(), sort_keys=False), end="")
+
+
+PARAMS_HEADER = ("# Composed by Hydra from conf/ (config.yaml + preset/<preset>.yaml): edit those, not this file.\n"
+                 "# `dvc exp run -S preset=tiny -S train.steps=50` writes it anew before each experiment;\n"
+                 "# `distillery params --preset small --composed > params.yaml` writes the default again.\n")
 
 
 def _registry_parsers(sub, common: argparse.ArgumentParser) -> None:
@@ -399,8 +414,8 @@ def registry_flag() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--params", help="parameters file (default: ./params.yaml)")
-    common.add_argument("--preset", help="tiny, small or base (default: the file's `preset:`)")
+    common.add_argument("--params", help="parameters file, read as it is (default: ./params.yaml)")
+    common.add_argument("--preset", help="compose tiny, small or base from conf/ (default: the params file as it is)")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one parameter, e.g. --set filter.folds=3 (repeatable)")
     common.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -511,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compile", parents=[common], help="write the pipeline's IR YAML")
     comp.add_argument("--out", default="pipeline.yaml")
+    from pipelines.submit import CPU_HELP
+
+    comp.add_argument("--cpu", action="store_true", help=CPU_HELP)
     comp.set_defaults(func=cmd_compile)
     run = sub.add_parser("run", parents=[common], help="run the whole pipeline locally with kfp.local")
     run.add_argument("--out", default="runs", help="where runs go: <out>/kfp/<run>/..., <out>/latest links the newest")
@@ -532,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--out", required=True, help="the YAML file to write (ConfigMap + job)")
     job.set_defaults(func=cmd_render_job)
     par = sub.add_parser("params", parents=[common], help="print the resolved parameters")
+    par.add_argument("--composed", action="store_true",
+                     help="print the Hydra composition of --preset (what params.yaml holds), not every field")
     par.set_defaults(func=cmd_params)
     return parser
 

@@ -271,7 +271,7 @@ class RunConsole:
             self._log = None
 
     def _watchdog(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(min(1.0, self.silence / 3)):
             with self._lock:
                 step = self.current
                 if step is not None and time.monotonic() - self._last_shown >= self.silence:

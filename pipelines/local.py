@@ -17,8 +17,9 @@ Resume, two ways at once:
   cluster's checkpoint volume uses; components/kfp_io.py `training_dir`), keyed by their inputs
   and parameters, so an interrupted one continues from its last checkpoint.
 
-`<out>/latest` links the newest run's folder, which holds every task: the ones it ran, and links
-to the earlier runs' folders of the ones it found done.
+`<out>/latest` links the newest run's folder, which holds every task (the ones it ran, and links
+to the earlier runs' folders of the ones it found done), `reports/` (each step's HTML page) and
+`run.json` (each step's status, wall time and metrics).
 """
 
 from __future__ import annotations
@@ -67,11 +68,15 @@ class LocalSettings:
     """ingest's cache key: its source file's content and its parameters."""
 
 
-def ingest_cache_key(params: PipelineParams, source_uri: str, code: str) -> str:
+def ingest_cache_key(params: PipelineParams, source_uri: str, code: str, arguments: dict | None = None) -> str:
     """What ingest's output depends on: the code, the source file's bytes (or, with no source, the
-    generator's parameters), and the source mapping."""
-    h = hashlib.sha256(json.dumps({"code": code, "source": source_uri, "source_config": params.as_dict()["source"],
-                                   "generate": params.as_dict()["generate"]}, sort_keys=True).encode())
+    generator's parameters), the source mapping, and the run form's values if any (`arguments`:
+    generate_rows or source_fields change what ingest writes)."""
+    key = {"code": code, "source": source_uri, "source_config": params.as_dict()["source"],
+           "generate": params.as_dict()["generate"]}
+    if arguments:
+        key["arguments"] = arguments
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     if source_uri:
         with open(source_uri, "rb") as f:
             while block := f.read(1 << 20):
@@ -79,19 +84,21 @@ def ingest_cache_key(params: PipelineParams, source_uri: str, code: str) -> str:
     return "ingest-" + h.hexdigest()[:32]
 
 
-def run_local(params: PipelineParams, out: Path, source_uri: str = "", verbose: bool = False) -> LocalRun:
-    """Run (or resume) the pipeline into `out`; the console shows its progress on stdout."""
+def run_local(params: PipelineParams, out: Path, source_uri: str = "", verbose: bool = False,
+              arguments: dict | None = None) -> LocalRun:
+    """Run (or resume) the pipeline into `out`; the console shows its progress on stdout.
+    `arguments`: run-form values for the pipeline call (e.g. {"train_steps": 20}), as in the UI."""
     from kfp import local
 
     from components.artifacts import source_digest
     from pipelines.console import RunConsole
-    from pipelines.pipeline import TASK_ORDER, build_pipeline
+    from pipelines.pipeline import LOCAL_PRESET, TASK_ORDER, build_pipeline
 
     out = Path(out).resolve()
     root = out / "kfp"
     root.mkdir(parents=True, exist_ok=True)
     code = source_digest()
-    settings = LocalSettings(code=code, ingest_key=ingest_cache_key(params, source_uri, code))
+    settings = LocalSettings(code=code, ingest_key=ingest_cache_key(params, source_uri, code, arguments))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True,
                enable_caching=True)
     # the component image is ours and this interpreter has the same packages; display names and
@@ -104,7 +111,8 @@ def run_local(params: PipelineParams, out: Path, source_uri: str = "", verbose: 
     console = RunConsole(TASK_ORDER, root, out / "logs", verbose=verbose)
     try:
         with console:
-            build_pipeline(params, local=settings)(source_uri=source_uri)
+            build_pipeline({LOCAL_PRESET: params}, LOCAL_PRESET, local=settings)(source_uri=source_uri,
+                                                                                  **(arguments or {}))
     except RuntimeError as err:
         failed = [s for s in console.steps.values() if s.status == "failed"]
         what = (f"step {failed[0].name} failed: {console.error or 'see ' + str(out / 'logs' / failed[0].name)}.log"
@@ -128,7 +136,12 @@ def run_local(params: PipelineParams, out: Path, source_uri: str = "", verbose: 
     if latest.is_symlink() or latest.exists():
         latest.unlink()
     latest.symlink_to(run_dir.relative_to(out))
-    return LocalRun(out, run_dir, steps, time.perf_counter() - started, copy_reports(run_dir))
+    run = LocalRun(out, run_dir, steps, time.perf_counter() - started, copy_reports(run_dir))
+    (run_dir / "run.json").write_text(json.dumps({
+        "seconds": round(run.seconds, 3),
+        "steps": [{"name": s.name, "status": s.status, "seconds": round(s.seconds, 3), "metrics": s.metrics,
+                   "folder": str(s.folder) if s.folder else None} for s in steps]}, indent=1) + "\n")
+    return run
 
 
 def _newest_run(root: Path) -> Path | None:

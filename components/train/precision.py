@@ -27,10 +27,11 @@ def native_bf16() -> tuple[bool, str]:
         ok = torch.cuda.is_bf16_supported(including_emulation=False)
         return ok, f"CUDA {torch.cuda.get_device_name()}" + ("" if ok else " without bf16")
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    level = torch.backends.cpu.get_cpu_capability()  # what torch's kernels use (ATEN_CPU_CAPABILITY caps it)
     for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")):
-        if caps.get(flag):
+        if caps.get(flag) and level.startswith("AVX512"):
             return True, f"CPU with {name}"
-    return False, f"CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()})"
+    return False, f"CPU without native bf16 ({level})"
 
 
 @functools.lru_cache(maxsize=None)
