@@ -76,7 +76,9 @@ def _params(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Pi
 
 
 def _report(step: str, metrics: dict[str, Any], out: Path) -> None:
-    print(f"{step}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    from pipelines.console import number
+
+    print(f"{step}: " + ", ".join(f"{k}={number(v)}" for k, v in metrics.items()))
     print(f"{step}: wrote {out}")
 
 
