@@ -327,7 +327,7 @@ def cmd_render_job(args: argparse.Namespace) -> None:
           f"(kubectl apply -f {path})")
 
 
-def cmd_run(args: argparse.Namespace) -> None:
+def cmd_run(args: argparse.Namespace) -> int:
     from components.data.load import load_rows
     from components.train.precision import native_bf16
     from pipelines.console import summary
@@ -340,15 +340,24 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.source:  # read it once here: a bad file is named before any task starts
         load_rows(args.source, params.source)
     bf16, hardware = native_bf16()  # `auto` is decided once, here, for every training step
-    stages = [params.train, params.reinforce, params.finetune, params.distill]
-    for cfg in stages:
+    stages = {"train": params.train, "reinforce": params.reinforce, "finetune": params.finetune,
+              "distill": params.distill}
+    for cfg in stages.values():
         if cfg.precision == "auto":
             cfg.precision = "bf16" if bf16 else "fp32"
-    chosen = ", ".join(sorted({c.precision for c in stages}))
+    by_precision: dict[str, list[str]] = {}
+    for name, cfg in stages.items():
+        by_precision.setdefault(cfg.precision, []).append(name)
+    precision = "; ".join(f"{p} for {', '.join(names)}" for p, names in by_precision.items())
     print(f"distillery run: preset {args.preset or 'from ' + str(args.params or 'params.yaml')}, "
-          f"{len(TASK_ORDER)} steps into {shown(args.out)} (step logs in {shown(Path(args.out) / 'logs')}); "
-          f"precision {chosen} ({hardware})", flush=True)
-    run = run_local(params, Path(args.out), source_uri=args.source or "", verbose=args.verbose)
+          f"{len(TASK_ORDER)} steps into {shown(args.out)} (step logs in {shown(Path(args.out) / 'logs')})\n"
+          f"precision: {precision} ({hardware})", flush=True)
+    try:
+        run = run_local(params, Path(args.out), source_uri=args.source or "", verbose=args.verbose)
+    except KeyboardInterrupt:
+        print(f"distillery run: interrupted; the same command continues the run from where it stopped "
+              f"(steps done and the last checkpoints are kept in {shown(args.out)})", file=sys.stderr)
+        return 130
     registry, commands = registry_and_next(run, params, args.preset)
     latest = f"{shown(run.out / 'latest')} -> {shown(run.run_dir)}"
     print("\n".join(summary(run.steps, run.seconds, run.reports, registry, commands, latest)))
