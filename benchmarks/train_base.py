@@ -1,7 +1,7 @@
 """The base stage, measured: speed against a plain PyTorch loop, the nanoGPT reference figure,
 bf16 against fp32, and MoE expert balance with and without the bias update.
 
-    .venv/bin/python benchmarks/train_base.py            # about 10 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/train_base.py            # about 8 minutes on 2 CPU cores
     .venv/bin/python benchmarks/train_base.py --quick    # fewer steps, a smoke run
 
 All on ../shared/data/tinyshakespeare (character level: our byte tokenizer on ASCII text), in
@@ -9,7 +9,10 @@ one process, side by side:
 1. tokens/s: our engine (DeepSpeed; one process, so ZeRO stage 0; metrics, progress, checkpoint
    machinery) vs a plain PyTorch AdamW loop training the same model on the same batches, each at
    fp32 and bf16 (torch.autocast for the plain loop); median over steps after a warm-up, rounds
-   alternating between the two so that a shared machine's drift hits both.
+   alternating between the two so that a shared machine's drift hits both. The plain loop is the
+   way a script writes it on a CPU (nanoGPT's): torch's AdamW and clip_grad_norm_ with their
+   defaults, a loop of per-tensor ops there; our engine runs the fused AdamW and foreach clipping
+   (components/train/engine.py), a part of its lead in fp32.
 2. nanoGPT's CPU figure: 4 layers, 4 heads, width 128, context 64, batch 12, 2000 iterations,
    AdamW lr 1e-3 decayed to 1e-4, dropout 0: validation loss about 1.88 (nanoGPT README).
 3. bf16 vs fp32: final validation loss of the same run in each precision.

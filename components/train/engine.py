@@ -21,6 +21,7 @@ Outputs: checkpoints/, metrics.jsonl (step, loss, lr, tokens/s, val_loss), loss.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -107,12 +108,21 @@ def _single_process_group() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def _skip_shm_op() -> None:
     """DeepSpeed's communication backend compiles its shared-memory C++ op (`deepspeed_shm_comm`)
     on a machine's first start, 1.5 to 5 minutes on 2 cores, after probing compilers for every op
     (a few seconds at every start). The op serves only `inference_all_reduce` (DeepSpeed's
     tensor-parallel inference), which training never calls: with an empty table of compatible
     ops DeepSpeed neither probes nor builds it, and training's collectives stay torch.distributed's."""
+    # DeepSpeed's own logger (INFO, with a handler of its own) passes errors only: its start-up
+    # lines (the accelerator it picked, a learning rate read before the scheduler's first step)
+    # are noise in every training step's output. A filter, set before DeepSpeed is imported,
+    # because its import sets the logger's level.
+    logging.getLogger("DeepSpeed").addFilter(_errors_only)
     import deepspeed.ops
 
     table = vars(deepspeed.ops)
@@ -132,7 +142,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2],
-                                                  "weight_decay": cfg.weight_decay, "torch_adam": True}},
+                                                  "weight_decay": cfg.weight_decay, "torch_adam": True,
+                                                  "fused": True}},  # one pass per tensor, CPU and CUDA
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": cfg.steps, "warmup_num_steps": cfg.warmup_steps, "warmup_type": "linear",
             "warmup_min_ratio": 0.0, "cos_min_ratio": cfg.min_lr_ratio}},
@@ -156,13 +167,13 @@ def build_engine(model_cfg: ModelConfig, cfg: TrainConfig, init: dict[str, torch
     `init` (a previous stage's weights), `freeze` applied (it clears requires_grad of what must
     not train, or swaps modules in place keeping their parameters, as QAT's fake quantizers do),
     wrapped by DeepSpeed."""
+    _single_process_group()  # first: it sets up how DeepSpeed is imported
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     if cfg.precision == "fp16" and not get_accelerator().is_fp16_supported():
         raise ConfigError(f"train.precision: fp16 is not supported on this {get_accelerator().device_name()} "
                           f"accelerator; use bf16 (or fp32)")
-    _single_process_group()
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg)
     if init is not None:
@@ -174,6 +185,11 @@ def build_engine(model_cfg: ModelConfig, cfg: TrainConfig, init: dict[str, torch
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config(cfg, world))
     if world == 1:  # all-reducing one rank's gradients copies them to a flat buffer and back for nothing
         engine.enable_backward_allreduce = False  # (fp32 on 2 CPU cores: about 20 % of the step)
+        # DeepSpeed clips fp32 gradients (ZeRO 0, neither bf16 nor fp16) with a Python loop of per-tensor
+        # norms, an all-reduce of the total over the one-rank group and a loop of scalings; torch's foreach
+        # clipping is the same arithmetic (scale = min(1, clip / (norm + 1e-6))) in a few batched calls
+        engine.clip_fp32_gradients = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip,
+                                                                             foreach=True)
     return engine, model
 
 

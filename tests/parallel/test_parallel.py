@@ -121,7 +121,7 @@ def test_pipeline_x_tensor_parallel_matches_one_process_and_resumes_under_anothe
     (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
     proc = _run(resumed, 4, 1, 2, 8, 2, every=4)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "resuming from" in proc.stdout and "step-00000004" in proc.stdout
+    assert "resuming from" in proc.stderr and "step-00000004" in proc.stderr  # the distillery logger: stderr
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
     _close([r["loss"] for r in rows[4:]], reference[4:], 1e-4)

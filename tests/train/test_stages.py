@@ -73,7 +73,7 @@ def test_reinforce_with_growth_then_finetune_then_evaluate_and_generate(trained)
     assert metrics["problems"] == 20
     assert "| finetune |" in (root / "eval/stages.md").read_text() and (root / "eval/stages.png").stat().st_size
     assert len((root / "eval/completions.jsonl").read_text().splitlines()) == 60
-    assert "evaluate: base: accuracy" in out.stdout
+    assert "evaluate: base: accuracy" in out.stderr  # progress and step messages: stderr
 
     gen = ok(cli("generate", "--checkpoint", str(root / "ft/model"), "--prompt", "Ann has 3 apples.",
                  "--max-new-tokens", "20", "--samples", "2", "--temperature", "1.0"))
