@@ -31,11 +31,14 @@ run: $(STAMP)  ## the whole pipeline on built-in sample data, locally (kfp.local
 	$(BIN)/distillery serve --preset $(PRESET) --registry $(OUT)/registry --repository $(OUT)/triton \
 		--stage staging --once
 
+# The default suite runs on TEST_WORKERS processes (pytest-xdist), a test file per process at a time.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)  ## the default test suite (well under 20 minutes on 2 cores)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-slow: $(STAMP)  ## the slow suites only
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)  ## every benchmark script, each printing its table
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

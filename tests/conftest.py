@@ -13,11 +13,34 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+# Under pytest-xdist, each of N workers gets a share of the cores (its subprocesses inherit the
+# setting): N processes at 2 threads each on 2 cores would only wait on each other.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 from kernel_env import import_triton_interpreted  # noqa: E402
 
 import_triton_interpreted()  # before any test imports triton another way (tests/kernel_env.py says why)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# The longest files (a minute or more each on 2 cores: whole pipelines, DeepSpeed processes), run
+# first. `make test` runs pytest-xdist with `--dist loadfile --no-loadscope-reorder`, which hands
+# out files in collection order, one at a time as a worker frees; started last (or, as xdist's
+# reorder by test count would have it, after every file with more tests), they ran one after
+# another at the end while the other worker idled.
+LONG_FIRST = ("pipelines/test_dvc.py", "pipelines/test_run.py", "pipelines/test_kfp.py", "parallel/test_parallel.py",
+              "train/test_checkpoint.py", "train/test_stages.py", "compress/test_distill.py", "train/test_engine.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    tests = Path(__file__).resolve().parent
+
+    def rank(item) -> int:
+        rel = Path(str(item.fspath)).resolve().relative_to(tests).as_posix()
+        return LONG_FIRST.index(rel) if rel in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a file, and of the other files, is kept
 
 
 @pytest.fixture(scope="session")
