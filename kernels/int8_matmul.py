@@ -2,7 +2,7 @@
 
     y = (x @ q^T) * scale      x (..., K) fp16/bf16/fp32, q (N, K) int8, scale (N,) fp32, y (..., N) in x's dtype
 
-with q and scale as components/compress/quantize.py writes them (symmetric, one scale per output
+with q and scale as components/model/int8.py defines them (symmetric, one scale per output
 channel: W ~ q * scale[:, None]). The int8 weight is read from memory once, converted to float in
 registers (never written back as a float copy of W), the products accumulate in fp32, and the
 per-channel scale multiplies the accumulator once at the end (it is constant along K: the algebra

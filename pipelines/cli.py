@@ -137,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_generate_text(args: argparse.Namespace) -> None:
     import torch
 
-    from components.train.pretrained import load_model
+    from components.model.folder import load_model
 
     model, tok = load_model(args.checkpoint)
     ids = tok.encode(args.prompt if args.raw else f"{args.prompt}\n")

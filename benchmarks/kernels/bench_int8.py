@@ -35,7 +35,7 @@ SMOKE_M = [1, 2, 8]
 
 def _int8pack(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
     """torch's fused weight-only kernel as a callable, or None where it does not run on this device.
-    On the CPU it runs in fp32, as components/compress/quantize.py calls it (torch's bf16 CPU kernel
+    On the CPU it runs in fp32, as components/model/int8.py calls it (torch's bf16 CPU kernel
     is wrong, here even crashes, when K is not a multiple of 16)."""
     if x.device.type == "cpu":
         xf = x.float()

@@ -38,7 +38,7 @@ from components.model import ModelConfig, Transformer, fused
 from components.train.base import row_text
 from components.train.batches import IGNORE, RowBatches
 from components.train.engine import train
-from components.train.pretrained import load_pretrained
+from components.model.folder import load_pretrained
 
 
 def student_config(teacher: ModelConfig, cfg: DistillConfig) -> ModelConfig:
@@ -191,7 +191,7 @@ def run(cfg: DistillConfig, teacher_dir: str | os.PathLike, data_dir: str | os.P
                     stage={"name": "distill", **asdict(cfg), "teacher": teacher_hash[:16]})
     if torch.distributed.get_rank() != 0:
         return summary
-    from components.train.pretrained import load_model
+    from components.model.folder import load_model
 
     student, _ = load_model(out / "model")
     test = problems(data_dir, EvaluateConfig(max_rows=eval_rows)) if (data_dir / "test.jsonl").is_file() else []

@@ -329,7 +329,7 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     cache_layer: type = LayerCache
-    """What `new_cache` fills, per block; an INT8 KV cache (components/compress/quantize.py) swaps in
+    """What `new_cache` fills, per block; an INT8 KV cache (components/model/int8.py) swaps in
     its own class with the same `append` on the instance, from outside the model code."""
 
     def __init__(self, cfg: ModelConfig):

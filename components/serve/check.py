@@ -57,7 +57,7 @@ def reference_outputs(model_folder: str | os.PathLike, cfg: CheckConfig) -> dict
     import torch
     import torch.nn.functional as F
 
-    from components.train.pretrained import load_model
+    from components.model.folder import load_model
 
     model, tok = load_model(model_folder)
     texts = []

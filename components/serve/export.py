@@ -117,7 +117,7 @@ def to_pbtxt(config: dict) -> str:
 
 
 def _check_model_folder(folder: Path) -> None:
-    from components.train.pretrained import ModelFolderError
+    from components.model.folder import ModelFolderError
 
     for item in ("model.json", "model.safetensors", "tokenizer"):
         if not (folder / item).exists():
@@ -195,7 +195,7 @@ def export_onnx(model_folder: str | os.PathLike, path: str | os.PathLike, opset:
     sliced to T) and scaled_dot_product_attention; needs `onnx` and `onnxscript`."""
     import torch
 
-    from components.train.pretrained import load_model
+    from components.model.folder import load_model
 
     model, _ = load_model(model_folder)
     graph = score_graph(model)
@@ -228,7 +228,7 @@ def verify_onnx(model_folder: str | os.PathLike, onnx_path: str | os.PathLike,
     import onnxruntime as ort
     import torch
 
-    from components.train.pretrained import load_model
+    from components.model.folder import load_model
 
     model, _ = load_model(model_folder)
     graph = score_graph(model)

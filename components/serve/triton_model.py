@@ -16,7 +16,7 @@ One file serves both models of a repository; the `kind` parameter of config.pbtx
 and gRPC, `parameters={"max_tokens": 16}`, and the dynamic batcher can still batch requests
 that differ in them, which it would not do for requests whose sets of inputs differ.)
 
-The model folder is the `model_folder/` beside this file, read by components.train.pretrained.load_model
+The model folder is the `model_folder/` beside this file, read by components.model.folder.load_model
 (so quantized folders load the same way); the stub finds the `components` package and torch on the
 PYTHONPATH that components/serve/server.py gives it.
 
@@ -141,7 +141,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         import torch
 
-        from components.train.pretrained import load_model
+        from components.model.folder import load_model
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}

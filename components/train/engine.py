@@ -411,15 +411,11 @@ def summarize(metrics_path: Path, params: int, val_loss: float | None) -> dict[s
 
 def export(folder: Path, state: dict[str, torch.Tensor], model_cfg: ModelConfig, tokenizer: Any,
            stage: dict[str, Any] | None = None) -> None:
-    """model.safetensors (fp32), model.json and the tokenizer, as one folder, whole or not at all."""
-    from safetensors.torch import save_model
+    """The model folder (components/model/folder.py) with the stage's manifest, whole or not at all."""
+    from components.model.folder import save_model
 
     with atomic_dir(folder) as tmp:
-        fp32 = Transformer(model_cfg)
-        fp32.load_state_dict(state)
-        save_model(fp32, str(tmp / "model.safetensors"))  # tied weights stored once
-        (tmp / "model.json").write_text(json.dumps(asdict(model_cfg), indent=2) + "\n", encoding="utf-8")
-        tokenizer.save(tmp / "tokenizer")
+        fp32 = save_model(tmp, state, model_cfg, tokenizer)
         (tmp / "manifest.json").write_text(json.dumps({"step": "train", "params": fp32.num_params(),
                                                        "stage": stage or {"name": "base"}}) + "\n")
 

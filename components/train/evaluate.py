@@ -111,7 +111,7 @@ def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int
 
 def run(cfg: EvaluateConfig, stages: dict[str, str | os.PathLike], data: str | os.PathLike,
         out_dir: str | os.PathLike) -> dict[str, Any]:
-    from components.train.pretrained import load_model
+    from components.model.folder import load_model
 
     if not stages:
         raise DataError("evaluate: give at least one --checkpoint NAME=MODEL_FOLDER")

@@ -1,81 +1,18 @@
-"""A trained stage's model folder, read back safely, and what the next stage does to it first.
+"""What the next stage does first to the model a stage hands on: grow it, freeze part of it.
 
-    cfg, state, tok = load_pretrained("runs/base/model")   # model.json, model.safetensors, tokenizer/
+    cfg, state, tok = load_pretrained("runs/base/model")   # components/model/folder.py
     cfg, state = deepen(cfg, state, 2)                     # progressive growth: 2 more blocks
     freeze_below(model, top=2)                              # fine-tune: only the top 2 blocks train
-
-Weights come from safetensors only: nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
-from components.config import ConfigError, from_dict
-from components.data.load import DataError
-from components.model import ModelConfig, Transformer, load_tokenizer
-
-
-class ModelFolderError(DataError):
-    """A model folder that is missing a file or holds something else."""
-
-
-def load_pretrained(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
-    """(config, fp32 state dict, tokenizer) of a model folder written by a training stage."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if (folder / "quantization.json").exists():
-        raise ModelFolderError(f"{folder}: an INT8-quantized model folder; stages train from a float model "
-                               f"folder (quantize the result instead)")
-    for name in ("model.json", "model.safetensors", "tokenizer"):
-        if not (folder / name).exists():
-            raise ModelFolderError(f"{folder}: not a model folder (no {name}); give a stage's model/ output, "
-                                   f"e.g. runs/base/model")
-    try:
-        cfg = from_dict(ModelConfig, json.loads((folder / "model.json").read_text(encoding="utf-8")), "model.json")
-    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as err:
-        raise ModelFolderError(f"{folder / 'model.json'}: {err}") from None
-    try:
-        state = load_file(str(folder / "model.safetensors"))
-    except (SafetensorError, OSError) as err:
-        raise ModelFolderError(f"{folder / 'model.safetensors'}: not a readable safetensors file: {err}") from None
-    expected = Transformer(cfg).state_dict()
-    if cfg.tie_embeddings:  # tied weights are stored once, under either name
-        for a, b in (("lm_head.weight", "wte.weight"), ("wte.weight", "lm_head.weight")):
-            if a not in state and b in state:
-                state[a] = state[b]
-    missing = sorted(set(expected) - set(state))
-    wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
-    if missing or wrong:
-        raise ModelFolderError(f"{folder / 'model.safetensors'}: does not match model.json "
-                               f"(missing {missing[:3]}, wrong shape {wrong[:3]})")
-    tok = load_tokenizer(folder / "tokenizer")
-    if tok.vocab_size != cfg.vocab_size:
-        raise ModelFolderError(f"{folder}: the tokenizer has {tok.vocab_size} ids but model.json says "
-                               f"vocab_size {cfg.vocab_size}")
-    return cfg, {k: v.float() for k, v in state.items() if k in expected}, tok
-
-
-def load_model(folder: str | os.PathLike) -> tuple[Transformer, object]:
-    """(model in eval mode, tokenizer) of a model folder; an INT8 folder (quantization.json, written
-    by compress.quantize) comes back with its quantized modules swapped in."""
-    if (Path(folder) / "quantization.json").exists():
-        from components.compress.quantize import load_quantized
-
-        return load_quantized(folder)
-    cfg, state, tok = load_pretrained(folder)
-    model = Transformer(cfg)
-    model.load_state_dict(state)
-    return model.eval(), tok
-
+from components.model import ModelConfig, Transformer
 
 ZERO_AT_START = re.compile(r"\.(attn\.c_proj|ffn\.c_proj|ffn\.experts\.\d+\.c_proj|ffn\.shared\.c_proj)\.weight$")
 

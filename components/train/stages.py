@@ -30,7 +30,8 @@ from components.train.base import row_text
 from components.train.batches import RowBatches
 from components.train.config import FinetuneConfig, ReinforceConfig
 from components.train.engine import train
-from components.train.pretrained import deepen, freeze_below, load_pretrained
+from components.model.folder import load_pretrained
+from components.train.pretrained import deepen, freeze_below
 
 OUTPUTS = ("checkpoints", "metrics.jsonl", "model", "loss.png", "plots", "rewards.png", "manifest.json",
            "metrics.json")

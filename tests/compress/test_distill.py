@@ -18,14 +18,14 @@ from components.compress.distill import (
     prune_from_teacher,
     student_config,
 )
-from components.compress.quantize import QuantLinear
+from components.model.int8 import QuantLinear
 from components.config import ConfigError
 from components.data.config import GenerateConfig
 from components.data.generate import generate
 from components.data.load import write_jsonl
 from components.model import ModelConfig, Transformer
 from components.train.batches import IGNORE
-from components.train.pretrained import load_model
+from components.model.folder import load_model
 
 TEACHER = ModelConfig(vocab_size=97, n_layer=4, n_head=2, n_embd=32, block_size=24)
 

@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from components.compress.quantize import (
-    FakeQuantLinear, Int8LayerCache, QuantLinear, dequantize_rows, fake_quantize, quantizable,
-    quantize_model, quantize_rows, save_quantized, weight_bytes,
-)
+from components.compress.quantize import FakeQuantLinear, fake_quantize
 from components.config import ConfigError
 from components.model import ByteTokenizer, ModelConfig, Transformer
-from components.train.pretrained import ModelFolderError, load_model, load_pretrained
+from components.model.folder import ModelFolderError, load_model, load_pretrained, save_quantized
+from components.model.int8 import (
+    Int8LayerCache, QuantLinear, dequantize_rows, quantizable, quantize_model, quantize_rows, weight_bytes,
+)
 
 
 def tiny(ffn: str = "dense", tie: bool = True, **kw) -> Transformer:

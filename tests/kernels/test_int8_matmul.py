@@ -1,5 +1,5 @@
 """INT8 weight-only matmul (the dequantization fused) against the plain PyTorch reference and
-against components.compress.quantize.int8_matmul (torch's `_weight_int8pack_mm`), at odd K and N,
+against components.model.int8.int8_matmul (torch's `_weight_int8pack_mm`), at odd K and N,
 M from 1 (GEMV) to 33 (GEMM), 3-D x, each dtype with its tolerance; plus exact properties that do
 not go through any reference. On the CPU the kernels run under TRITON_INTERPRET=1 (tests/kernel_env.py); on a GPU the same tests run the compiled kernels."""
 
@@ -14,7 +14,7 @@ with interpreted():
     from kernels.int8_matmul import (int8_matmul_reference, int8_to_float, int8_weight_matmul,
                                      int8_weight_matmul_forward)
 
-from components.compress.quantize import int8_matmul, quantize_rows
+from components.model.int8 import int8_matmul, quantize_rows
 
 
 # bf16: one output ulp (2^-8 relative) plus the reference's rounding of W to bf16; the CPU

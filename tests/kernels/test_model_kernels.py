@@ -103,7 +103,7 @@ def test_auto_uses_pytorch_on_the_cpu_and_on_without_a_gpu_is_a_clear_error(monk
 
 def test_int8_model_uses_the_int8_kernel_with_the_same_result():
     """An INT8 model (compress.quantize) with kernels on multiplies through kernels/int8_matmul.py."""
-    from components.compress.quantize import QuantLinear, quantize_model
+    from components.model.int8 import QuantLinear, quantize_model
 
     on, off = _pair()
     q_on, _ = quantize_model(on, True, True)

@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from components.serve import client as calls
-from components.train.pretrained import load_model
+from components.model.folder import load_model
 
 GEN, SCORE = "distillery_generate", "distillery_score"
 PROTOCOLS = ("http", "grpc")

@@ -124,7 +124,7 @@ def test_grpo_runs_on_two_processes_and_logs_their_mean(trained):
     # Step 1 sampled from the base model on each rank: redo both ranks' draws here, one at a time
     from components.data.load import load_canonical
     from components.train.grpo import GRPO
-    from components.train.pretrained import load_model
+    from components.model.folder import load_model
     from pipelines.params import load_params
 
     cfg = load_params(None, "tiny", {"reinforce": {"steps": 2}})[0].reinforce
@@ -150,7 +150,7 @@ def test_grpo_runs_on_two_processes_and_logs_their_mean(trained):
 def test_pass_at_1_samples_each_problem_k_times_and_near_zero_temperature_is_greedy(trained):
     from components.train.config import EvaluateConfig
     from components.train.evaluate import evaluate_model, problems
-    from components.train.pretrained import load_model
+    from components.model.folder import load_model
 
     model, tok = load_model(trained / "base/model")
     rows = problems(trained / "split", EvaluateConfig(max_rows=12))
