@@ -35,6 +35,7 @@ so serve.check reports the failure and the broken version should be deleted or r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -207,8 +208,10 @@ def export_onnx(model_folder: str | os.PathLike, path: str | os.PathLike, opset:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.onnx.export(graph, (example,), tmp, input_names=["input_ids"], output_names=["logprobs"],
-                          dynamo=True, dynamic_shapes=dims, opset_version=opset, external_data=False)
+        with _quiet_exporter():
+            torch.onnx.export(graph, (example,), tmp, input_names=["input_ids"], output_names=["logprobs"],
+                              dynamo=True, dynamic_shapes=dims, opset_version=opset, external_data=False,
+                              verbose=False)
         if verify:
             err = verify_onnx(model_folder, tmp)
             if err > atol:
@@ -218,6 +221,25 @@ def export_onnx(model_folder: str | os.PathLike, path: str | os.PathLike, opset:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch's ONNX exporter without its notes (a missing torchvision, torch.export's deprecations):
+    errors still raise, and nothing else of the command's output changes."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def verify_onnx(model_folder: str | os.PathLike, onnx_path: str | os.PathLike,
