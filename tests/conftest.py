@@ -15,8 +15,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # Under pytest-xdist, each of N workers gets a share of the cores (its subprocesses inherit the
 # setting): N processes at 2 threads each on 2 cores would only wait on each other.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
 from kernel_env import import_triton_interpreted  # noqa: E402
 
@@ -37,7 +38,8 @@ def pytest_collection_modifyitems(config, items):
     tests = Path(__file__).resolve().parent
 
     def rank(item) -> int:
-        rel = Path(str(item.fspath)).resolve().relative_to(tests).as_posix()
+        path = Path(item.path).resolve()
+        rel = path.relative_to(tests).as_posix() if path.is_relative_to(tests) else ""
         return LONG_FIRST.index(rel) if rel in LONG_FIRST else len(LONG_FIRST)
 
     items.sort(key=rank)  # stable: the order inside a file, and of the other files, is kept
