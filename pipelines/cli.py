@@ -227,6 +227,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from components.serve import export
     from components.serve.server import TritonServer
 
+    stopping = {"now": False, "interrupt": False}
+
+    def stop(*_):
+        stopping["now"] = True
+        if stopping["interrupt"]:  # waiting in time.sleep: stop at once
+            raise KeyboardInterrupt
+
+    # SIGTERM (a pod's stop, `kill`) stops it as Ctrl-C does, also when it arrives while the model is
+    # exported or the server starts or loads: noted then and acted on between those steps (not
+    # raised inside tritonclient's gevent hub, which would print the interruption as a traceback)
+    signal.signal(signal.SIGTERM, stop)
     params = _params(args)
     cfg = params.serve
     for key in ("http_port", "grpc_port", "metrics_port"):
@@ -246,18 +257,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
               f"{summary['version']} into {repo}")
     models = [f"{cfg.export.name}_{kind}" for kind in ("generate", "score")]
     server = TritonServer(repo, cfg.server, log_path=repo.parent / f"{repo.name}.tritonserver.log")
+    if stopping["now"]:
+        print("serve: stopped")
+        return
     with server:
-        for model in models:
-            server.load(model)
-        print(f"serve: tritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
-              f"{server.metrics_url}; models {', '.join(models)}; log {server.log_path}")
-        if args.once:
-            return
-        print("serve: Ctrl-C stops it")
-        stop = []
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
         try:
-            while not stop and server.is_alive():
+            for model in models:
+                if stopping["now"]:
+                    raise KeyboardInterrupt
+                server.load(model)
+            print(f"serve: tritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
+                  f"{server.metrics_url}; models {', '.join(models)}; log {server.log_path}", flush=True)
+            if args.once:
+                return
+            print("serve: Ctrl-C stops it", flush=True)
+            stopping["interrupt"] = True
+            while not stopping["now"] and server.is_alive():
                 time.sleep(1)
         except KeyboardInterrupt:
             pass

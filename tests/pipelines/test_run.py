@@ -144,6 +144,12 @@ def test_a_killed_run_resumes_with_the_same_command_and_its_hints_work(tmp_path)
             finally:
                 server.send_signal(signal.SIGTERM)
                 assert server.wait(timeout=60) == 0
+            # stopped while it starts the server and loads the models: it stops them, in one line
+            server = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert "exported as version" in server.stdout.readline()
+            server.send_signal(signal.SIGTERM)
+            said, err = server.communicate(timeout=120)
+            assert server.returncode == 0 and said.strip().endswith("serve: stopped") and "Traceback" not in err, err
             continue
         done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{hint}\n{done.stdout}\n{done.stderr}"
