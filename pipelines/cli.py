@@ -124,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         if (args.data is None) == (args.text is None):
             raise DataError("train --stage base: give --data (a split folder) or --text (a corpus), one of them")
         summary = base.run(params.model, params.train, params.tokenizer, args.out, data_dir=args.data,
-                           text=args.text, fresh=args.fresh)
+                           text=args.text, fresh=args.fresh, init_dir=args.init)
     else:
         if args.init is None or args.data is None:
             raise DataError(f"train --stage {args.stage}: give --init (the previous stage's model folder, "
@@ -140,17 +140,30 @@ def cmd_generate_text(args: argparse.Namespace) -> None:
     from components.model.folder import load_model
 
     model, tok = load_model(args.checkpoint)
-    ids = tok.encode(args.prompt if args.raw else f"{args.prompt}\n")
+    ids = tok.encode(args.prompt) if args.raw else tok.prompt_ids(args.prompt)
     if not ids:
         raise ConfigError("--prompt: empty")
     room = model.cfg.block_size - 1
     ids = ids[-room:]
     g = torch.Generator().manual_seed(args.seed)
     out = model.generate(torch.tensor([ids] * args.samples), min(args.max_new_tokens, model.cfg.block_size - len(ids)),
-                         temperature=args.temperature, top_k=args.top_k or None, eos_id=tok.eos_id, generator=g)
+                         temperature=args.temperature, top_k=args.top_k or None, eos_id=tok.eos_ids, generator=g)
     for i, row in enumerate(out[:, len(ids):].tolist()):
-        text = tok.decode(t for t in row if t != tok.eos_id)
+        text = tok.decode(tok.until_eos(row))
         print(("" if args.samples == 1 else f"--- sample {i + 1}\n") + text)
+
+
+def cmd_model(args: argparse.Namespace) -> None:
+    from components.model import hf
+
+    if args.model_command == "import":
+        out = hf.import_model(args.source, args.out, args.max_seq_len)
+        manifest = json.loads((out / "manifest.json").read_text())
+        print(f"model import: {manifest['architecture']}, {manifest['parameters'] / 1e6:.1f}M parameters")
+        print(f"model import: wrote {out} (try: distillery generate --checkpoint {out} --prompt \"What is 2+3?\")")
+    else:
+        out = hf.export_hf(args.model, args.out, args.dtype, int(args.shard_mb * 1024 * 1024))
+        print(f"model export-hf: wrote {out} (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -475,15 +488,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="base (pretraining), reinforce (GRPO) or finetune (supervised, top layers)")
     tr.add_argument("--data", help="a split folder (train.jsonl, val.jsonl)")
     tr.add_argument("--text", help="base only: a plain-text corpus instead, e.g. ../shared/data/tinyshakespeare/input.txt")
-    tr.add_argument("--init", help="reinforce and finetune: the previous stage's model folder, e.g. runs/base/model")
+    tr.add_argument("--init", help="reinforce and finetune: the previous stage's model folder, e.g. runs/base/model; "
+                    "base: a model to continue pretraining (e.g. one from `distillery model import`)")
     tr.add_argument("--out", required=True, help="the stage's folder: checkpoints, metrics, model")
     tr.add_argument("--fresh", action="store_true", help="start afresh: remove the folder's earlier checkpoints")
     tr.set_defaults(func=cmd_train)
 
+    mod = sub.add_parser("model", help="bring your own model: Hugging Face checkpoints and GGUF files in and out")
+    msub = mod.add_subparsers(dest="model_command", required=True)
+    imp = msub.add_parser("import", parents=[common],
+                          help="a Hugging Face model folder (Llama, Qwen2, Mistral; safetensors) or a .gguf file "
+                               "as a model folder every stage takes")
+    imp.add_argument("source", help="a folder with config.json, *.safetensors and tokenizer.json, or a .gguf file")
+    imp.add_argument("--out", required=True, help="the model folder to write (replaced only on success)")
+    from components.model.hf import MAX_SEQ_LEN, SHARD_BYTES
+
+    imp.add_argument("--max-seq-len", type=int, default=MAX_SEQ_LEN,
+                     help=f"longest context kept (block_size; default {MAX_SEQ_LEN} or the checkpoint's, if less)")
+    imp.set_defaults(func=cmd_model)
+    exh = msub.add_parser("export-hf", parents=[common],
+                          help="a model folder (any stage's; INT8 is dequantized) as a Hugging Face folder for "
+                               "transformers, vLLM and Triton's vLLM backend")
+    exh.add_argument("model", help="a model folder, e.g. runs/finetune/model")
+    exh.add_argument("--out", required=True, help="the folder to write (replaced only on success)")
+    exh.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                     help="tensor dtype (default: the imported checkpoint's own, else float32)")
+    exh.add_argument("--shard-mb", type=float, default=SHARD_BYTES / 1024 / 1024,
+                     help="the most MiB of tensors per safetensors file")
+    exh.set_defaults(func=cmd_model)
+
     gen_text = sub.add_parser("generate", parents=[common], help="sample text from a stage's model folder")
     gen_text.add_argument("--checkpoint", required=True, help="a model folder, e.g. runs/reinforce/model")
-    gen_text.add_argument("--prompt", required=True, help="the problem (a newline is appended, as in training)")
-    gen_text.add_argument("--raw", action="store_true", help="use the prompt as it is, no newline appended")
+    gen_text.add_argument("--prompt", required=True, help="the problem, put as in training: a newline appended, "
+                          "or an imported model's chat template applied")
+    gen_text.add_argument("--raw", action="store_true", help="use the prompt as it is (no newline, no chat template)")
     gen_text.add_argument("--max-new-tokens", type=int, default=64)
     gen_text.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     gen_text.add_argument("--top-k", type=int, default=0)

@@ -70,7 +70,8 @@ class QuantizeConfig:
     """compress.quantize: INT8 weight-only (per output channel, symmetric) and an INT8 KV cache."""
 
     embedding: bool = True
-    """Quantize the token embedding and its tied output head too (per token row)."""
+    """Quantize the token embedding and the output head too (per token row; a tied head shares the
+    embedding's int8 rows, an untied one is an INT8 linear of its own)."""
     kv_cache: bool = True
     """Store the KV cache as int8 with a scale per (sequence, head, position)."""
     qat_steps: int = 0

@@ -13,6 +13,7 @@ from components.config import require
 ATTENTIONS = ("dense", "hybrid")
 KERNELS = ("auto", "triton", "torch")
 FFNS = ("dense", "moe")
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass
@@ -24,7 +25,18 @@ class ModelConfig:
     n_layer: int = 4
     """Transformer blocks."""
     n_head: int = 4
-    """Attention heads per block; the head dimension is n_embd // n_head and must be even (RoPE)."""
+    """Attention (query) heads per block; the head dimension is n_embd // n_head unless head_size
+    is set, and must be even (RoPE)."""
+    n_kv_head: int = 0
+    """Key/value heads (grouped-query attention, Hugging Face's num_key_value_heads): each serves
+    n_head / n_kv_head query heads, and the KV cache holds only these. 0: n_head (multi-head)."""
+    head_size: int = 0
+    """Width of each attention head; 0: n_embd // n_head (Hugging Face's head_dim, set by some
+    Mistral and Qwen models to something else)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2)."""
+    out_bias: bool = False
+    """A bias on the attention output projection (Llama's attention_bias sets both)."""
     n_embd: int = 128
     """Width of the residual stream."""
     block_size: int = 64
@@ -34,6 +46,9 @@ class ModelConfig:
     a simplified DeepSeek Native Sparse Attention; see model.CausalSelfAttention)."""
     window: int = 32
     """Hybrid: sliding-window size, the tokens each query sees locally, itself included."""
+    sliding_window: int = 0
+    """Dense: each query sees only the last `sliding_window` keys, itself included (Mistral's
+    sliding_window); 0: every earlier key."""
     block: int = 16
     """Hybrid: size of the key blocks from which the global part is selected."""
     top_k_blocks: int = 2
@@ -53,6 +68,18 @@ class ModelConfig:
     per-expert selection bias moves by this much toward the under-loaded experts; 0 disables it."""
     rope_theta: float = 10000.0
     """RoPE base: frequency of pair i is rope_theta ** (-2i / head_dim)."""
+    rope_type: str = "default"
+    """RoPE frequency scaling, as Hugging Face's rope_scaling names it: "default" (none),
+    "linear" (every frequency / rope_factor) or "llama3" (Llama 3.1: low frequencies / rope_factor,
+    high ones kept, a smooth blend between; see model.rope_frequencies)."""
+    rope_factor: float = 1.0
+    """linear, llama3: the context extension factor."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths longer than rope_original_max_position / this are scaled fully."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths shorter than rope_original_max_position / this are kept."""
+    rope_original_max_position: int = 8192
+    """llama3: the context length the model was pretrained with before the extension."""
     dropout: float = 0.0
     """Dropout on attention weights and on the residual branches, while training."""
     norm_eps: float = 1e-6
@@ -68,7 +95,12 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """The key/value heads actually used."""
+        return self.n_kv_head or self.n_head
 
     @property
     def hidden(self) -> int:
@@ -80,8 +112,21 @@ class ModelConfig:
     def check(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
             require(getattr(self, name) > 0, f"{name}: must be positive")
-        require(self.n_embd % self.n_head == 0, f"n_embd: {self.n_embd} is not divisible by n_head {self.n_head}")
+        require(self.head_size >= 0, "head_size: must not be negative (0 picks n_embd // n_head)")
+        require(self.head_size > 0 or self.n_embd % self.n_head == 0,
+                f"n_embd: {self.n_embd} is not divisible by n_head {self.n_head}")
         require(self.head_dim % 2 == 0, f"n_head: head dimension {self.head_dim} must be even for RoPE")
+        require(self.n_kv_head >= 0, "n_kv_head: must not be negative (0 means n_head)")
+        require(self.n_head % self.kv_heads == 0,
+                f"n_kv_head: {self.kv_heads} does not divide n_head {self.n_head}")
+        require(self.sliding_window >= 0, "sliding_window: must not be negative (0: none)")
+        require(self.sliding_window == 0 or self.attention == "dense",
+                "sliding_window: only with attention \"dense\" (the hybrid attention has its own window)")
+        require(self.rope_type in ROPE_TYPES, f"rope_type: {self.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
+        require(self.rope_factor > 0, "rope_factor: must be positive")
+        require(self.rope_type != "llama3" or self.rope_high_freq_factor > self.rope_low_freq_factor > 0,
+                "rope_high_freq_factor: must exceed rope_low_freq_factor, both positive")
+        require(self.rope_original_max_position > 0, "rope_original_max_position: must be positive")
         require(self.attention in ATTENTIONS, f"attention: {self.attention!r} is not one of {', '.join(ATTENTIONS)}")
         require(self.kernels in KERNELS, f"kernels: {self.kernels!r} is not one of {', '.join(KERNELS)}")
         require(self.ffn in FFNS, f"ffn: {self.ffn!r} is not one of {', '.join(FFNS)}")

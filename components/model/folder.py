@@ -64,11 +64,22 @@ def load_pretrained(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, t
     if missing or wrong:
         raise ModelFolderError(f"{folder / 'model.safetensors'}: does not match model.json "
                                f"(missing {missing[:3]}, wrong shape {wrong[:3]})")
-    tok = load_tokenizer(folder / "tokenizer")
-    if tok.vocab_size != cfg.vocab_size:
+    tok = read_tokenizer(folder, cfg)
+    return cfg, {k: v.float() for k, v in state.items() if k in expected}, tok
+
+
+def read_tokenizer(folder: Path, cfg: ModelConfig):
+    """The tokenizer/ of a model folder, checked against model.json: a pretrained model's own
+    tokenizer may have fewer ids than the embedding has rows (Qwen2 pads its embedding), never more."""
+    try:
+        tok = load_tokenizer(folder / "tokenizer")
+    except (OSError, ValueError) as err:
+        raise ModelFolderError(f"{folder / 'tokenizer'}: {err}") from None
+    fits = tok.vocab_size <= cfg.vocab_size if tok.kind == "hf" else tok.vocab_size == cfg.vocab_size
+    if not fits:
         raise ModelFolderError(f"{folder}: the tokenizer has {tok.vocab_size} ids but model.json says "
                                f"vocab_size {cfg.vocab_size}")
-    return cfg, {k: v.float() for k, v in state.items() if k in expected}, tok
+    return tok
 
 
 def load_model(folder: str | os.PathLike) -> tuple[Transformer, object]:
@@ -138,8 +149,5 @@ def load_quantized(folder: str | os.PathLike) -> tuple[Transformer, object]:
         raise ModelFolderError(f"{folder / 'model.safetensors'}: does not match quantization.json "
                                f"(missing or wrong {bad[:3]}, unexpected {extra[:3]})")
     model.load_state_dict(state)
-    tok = load_tokenizer(folder / "tokenizer")
-    if tok.vocab_size != cfg.vocab_size:
-        raise ModelFolderError(f"{folder}: the tokenizer has {tok.vocab_size} ids but model.json says "
-                               f"vocab_size {cfg.vocab_size}")
+    tok = read_tokenizer(folder, cfg)
     return model.eval(), tok

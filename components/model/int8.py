@@ -72,25 +72,28 @@ def _keep_fp32_scale(module: nn.Module, apply, fn, recurse):
 
 
 class QuantLinear(nn.Module):
-    """y = x @ (q * s)^T with q int8 (out, in) and s (out,): weight-only INT8, no bias."""
+    """y = x @ (q * s)^T + b with q int8 (out, in), s (out,) and an optional float bias b (out,)
+    (Qwen2's q/k/v biases): weight-only INT8, the bias kept in float."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.kernels = "auto"  # the model's switch (ModelConfig.kernels), set by swap_modules
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> QuantLinear:
-        if linear.bias is not None:
-            raise ValueError("QuantLinear takes bias-free linears (the model has no biases)")
-        m = cls(linear.in_features, linear.out_features)
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
         m.weight_int8, m.scale = quantize_rows(linear.weight)
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().float().clone()
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.weight_int8, self.scale, self.kernels)
+        y = int8_matmul(x, self.weight_int8, self.scale, self.kernels)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse=True):
         return _keep_fp32_scale(self, super()._apply, fn, recurse)
@@ -164,8 +167,8 @@ class Int8LayerCache(LayerCache):
 
 
 def quantizable(model: Transformer) -> list[str]:
-    """Names of the linear layers that INT8 replaces: every bias-free nn.Linear inside the blocks
-    except MoE routers (a few weights that decide routing)."""
+    """Names of the linear layers that INT8 replaces: every nn.Linear inside the blocks except MoE
+    routers (a few weights that decide routing)."""
     return [name for name, m in model.blocks.named_modules(prefix="blocks")
             if isinstance(m, nn.Linear) and not name.endswith(".router")]
 
@@ -181,15 +184,11 @@ def swap_modules(model: Transformer, names: list[str], embedding: bool, kv_cache
     for name in names:
         set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name)))
         model.get_submodule(name).kernels = model.cfg.kernels
-    if embedding:
-        if not model.cfg.tie_embeddings:
-            from components.config import ConfigError
-
-            raise ConfigError("quantize.embedding: needs a model with tie_embeddings (the head shares the "
-                              "embedding's int8 rows); set quantize.embedding=false for this model")
+    if embedding:  # a tied head shares the embedding's int8 rows; an untied one is an INT8 linear of its own
         emb = QuantEmbedding(model.cfg.vocab_size, model.cfg.n_embd)
         emb.weight_int8, emb.scale = quantize_rows(model.wte.weight)
-        model.wte, model.lm_head = emb, TiedQuantHead(emb)
+        head = TiedQuantHead(emb) if model.cfg.tie_embeddings else QuantLinear.from_linear(model.lm_head)
+        model.wte, model.lm_head = emb, head
         model.lm_head.kernels = model.cfg.kernels
     if kv_cache:
         model.cache_layer = Int8LayerCache
@@ -217,3 +216,20 @@ def weight_bytes(model: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+def dequantized_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The float state dict (Transformer's names) of a model with INT8 modules swapped in: each
+    int8 matrix times its scales, biases and norms as they are."""
+    out, state = {}, model.state_dict()
+    for name, t in state.items():
+        if name.endswith(".scale"):
+            continue
+        if name.endswith(".weight_int8"):
+            prefix = name[: -len("weight_int8")]
+            out[prefix + "weight"] = dequantize_rows(t, state[prefix + "scale"])
+        else:
+            out[name] = t.float()
+    if "lm_head.weight" not in out:  # a tied INT8 head holds no tensors of its own
+        out["lm_head.weight"] = out["wte.weight"]
+    return out

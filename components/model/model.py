@@ -15,6 +15,7 @@ swapping modules. The output head is tied to the token embedding by default.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -69,11 +70,39 @@ class RMSNormFunction(torch.autograd.Function):
         return dx, dw, None
 
 
-def rope_tables(block_size: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * theta**(-2i/head_dim), each (block_size, head_dim/2), float32."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(block_size, device=device, dtype=torch.float32), inv_freq)  # (T, D/2)
+def rope_tables(block_size: int, head_dim: int, theta: float, device=None,
+                inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * inv_freq, each (block_size, head_dim/2), float32; inv_freq defaults
+    to 1 / theta**(2i/head_dim), computed as Hugging Face's Llama does (the same bits)."""
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    angles = torch.outer(torch.arange(block_size, device=device, dtype=torch.float32), inv_freq.to(device))  # (T, D/2)
     return angles.cos(), angles.sin()
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """The model's RoPE frequencies (head_dim/2,), float32, with cfg.rope_type's scaling applied:
+    "linear" divides every frequency by rope_factor; "llama3" (Llama 3.1) divides those whose
+    wavelength exceeds original/low_freq_factor, keeps those under original/high_freq_factor, and
+    blends linearly (in original/wavelength) between."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    if cfg.rope_type == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_type != "llama3":
+        return inv_freq
+    old, lo, hi, factor = cfg.rope_original_max_position, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def model_rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (block_size, head_dim/2) of the model's positions and scaled frequencies."""
+    return rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta, device, rope_frequencies(cfg))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -146,7 +175,7 @@ def hybrid_mask(q: torch.Tensor, k: torch.Tensor, window: int, block: int, top_k
 
 class LayerCache:
     """Keys and values of one attention layer for positions 0 .. length-1, (B, H, capacity, D)
-    buffers filled in place (no re-allocation per decoded token)."""
+    buffers filled in place (no re-allocation per decoded token); H is the key/value heads."""
 
     def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, dtype, device):
         self.k = torch.empty(batch, heads, capacity, head_dim, dtype=dtype, device=device)
@@ -193,11 +222,13 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.attention, self.window, self.block, self.top_k = cfg.attention, cfg.window, cfg.block, cfg.top_k_blocks
+        self.sliding_window = cfg.sliding_window
         self.dropout, self.kernels = cfg.dropout, cfg.kernels
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        # one fused projection: n_head query heads, then n_kv_head key heads, then n_kv_head value heads
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.out_bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -206,26 +237,31 @@ class CausalSelfAttention(nn.Module):
         and values are appended to it, and the queries attend to everything cached so far."""
         B, T, C = x.shape
         start = cache.length if cache is not None else 0
-        H = self.n_head  # n_head/tp under tensor parallelism
-        qk, v = self.c_attn(x).view(B, T, 3 * H, self.head_dim).split((2 * H, H), dim=2)  # (B, T, 2H, D), (B, T, H, D)
-        qk, v = qk.transpose(1, 2), v.transpose(1, 2)  # (B, 2H, T, D), (B, H, T, D)
+        H, Hkv = self.n_head, self.n_kv_head  # n_head/tp and n_kv_head/tp under tensor parallelism
+        qk, v = self.c_attn(x).view(B, T, H + 2 * Hkv, self.head_dim).split((H + Hkv, Hkv), dim=2)
+        qk, v = qk.transpose(1, 2), v.transpose(1, 2)  # (B, H+Hkv, T, D), (B, Hkv, T, D)
         if fused.active(self.kernels, x):  # kernels/rope.py
-            q, k = qk.split(H, dim=1)  # (B, H, T, D) each
+            q, k = qk.split((H, Hkv), dim=1)  # (B, H, T, D), (B, Hkv, T, D)
             q, k = fused.rope(q, cos, sin, start), fused.rope(k, cos, sin, start)
         else:
-            q, k = apply_rope(qk, cos[start:], sin[start:]).split(H, dim=1)  # one rotation for both, (B, H, T, D) each
+            q, k = apply_rope(qk, cos[start:], sin[start:]).split((H, Hkv), dim=1)  # one rotation for both
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, H, start+T, D)
+            k, v = cache.append(k, v)  # (B, Hkv, start+T, D)
+        if Hkv != H:  # grouped-query attention: kv head j serves query heads j*H/Hkv .. (j+1)*H/Hkv-1
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # (B, H, ., D)
         p = self.dropout if self.training else 0.0
-        if self.attention == "dense" and start == 0:
+        window = self.sliding_window if 0 < self.sliding_window < start + T else 0
+        if self.attention == "dense" and start == 0 and not window:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, D)
-        elif start == 0 and p == 0.0 and fused.active(self.kernels, x) and fused.hybrid_supported(q):
+        elif start == 0 and p == 0.0 and fused.active(self.kernels, x) and fused.hybrid_supported(q) \
+                and self.attention == "hybrid":
             y = fused.hybrid_attention(q, k, v, self.window, self.block, self.top_k)  # kernels/hybrid_attention.py
         else:
             with torch.no_grad():
                 if self.attention == "dense":  # new queries see every cached key and the causal part of theirs
-                    qpos = torch.arange(start, start + T, device=x.device)
-                    mask = qpos[:, None] >= torch.arange(start + T, device=x.device)[None, :]  # (T, start+T)
+                    diff = torch.arange(start, start + T, device=x.device)[:, None] \
+                        - torch.arange(start + T, device=x.device)[None, :]  # (T, start+T) query minus key position
+                    mask = (diff >= 0) & (diff < window) if window else diff >= 0
                 else:
                     mask = hybrid_mask(q, k, self.window, self.block, self.top_k, q_start=start)  # (B, H, T, start+T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
@@ -343,7 +379,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -354,12 +390,13 @@ class Transformer(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def _apply(self, fn, recurse=True):
         """Keep the RoPE tables float32 (exact) when the model is cast, e.g. to bf16."""
         super()._apply(fn, recurse)
-        cos, sin = rope_tables(self.cfg.block_size, self.cfg.head_dim, self.cfg.rope_theta, self.rope_cos.device)
-        self.rope_cos, self.rope_sin = cos, sin
+        self.rope_cos, self.rope_sin = model_rope_tables(self.cfg, self.rope_cos.device)
         return self
 
     def forward(
@@ -445,13 +482,13 @@ class Transformer(nn.Module):
         """An empty KV cache for `batch` sequences of up to `capacity` (block_size) tokens."""
         capacity = capacity or self.cfg.block_size
         p = self.ln_f.weight  # the compute dtype and device (norms stay float when weights are INT8)
-        return KVCache([self.cache_layer(batch, self.cfg.n_head, capacity, self.cfg.head_dim, p.dtype, p.device)
+        return KVCache([self.cache_layer(batch, self.cfg.kv_heads, capacity, self.cfg.head_dim, p.dtype, p.device)
                         for _ in self.blocks])
 
     @torch.no_grad()
     def generate(
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-        eos_id: int | None = None, generator: torch.Generator | None = None,
+        eos_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Append up to `max_new_tokens` sampled tokens to idx (B, T); temperature 0 is greedy.
 
@@ -465,6 +502,8 @@ class Transformer(nn.Module):
         cached = T + max_new_tokens <= self.cfg.block_size
         cache = self.new_cache(B, T + max_new_tokens) if cached else None
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        stops = None if eos_id is None else torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id),
+                                                          device=idx.device)
         step_in = idx
         for _ in range(max_new_tokens):
             if cached:
@@ -472,12 +511,12 @@ class Transformer(nn.Module):
             else:
                 logits, _ = self(idx[:, -self.cfg.block_size:])
             nxt = sample(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
-            if eos_id is not None:
-                nxt = nxt.masked_fill(done[:, None], eos_id)
-                done |= nxt[:, 0] == eos_id
+            if stops is not None:
+                nxt = nxt.masked_fill(done[:, None], stops[0])
+                done |= torch.isin(nxt[:, 0], stops)
             idx = torch.cat((idx, nxt), dim=1)
             step_in = nxt
-            if eos_id is not None and bool(done.all()):
+            if stops is not None and bool(done.all()):
                 break
         return idx
 

@@ -1,4 +1,5 @@
-"""Tokenizers: raw bytes, or byte-level BPE trained offline with the `tokenizers` library.
+"""Tokenizers: raw bytes, byte-level BPE trained offline with the `tokenizers` library, or a
+pretrained model's own Hugging Face tokenizer (kind "hf", HFTokenizer, with its chat template).
 
 Both write a folder of JSON only, never a pickle:
 
@@ -20,7 +21,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import Tokenizer as HFTokenizerLib
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOS, PAD = "<eos>", "<pad>"
@@ -46,6 +47,32 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def _vocab_json(self) -> dict | str:
         """The vocabulary as written to tokenizer.json."""
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a generation (a pretrained model's tokenizer may name several)."""
+        return (self.eos_id,)
+
+    def until_eos(self, ids: Iterable[int]) -> list[int]:
+        """`ids` up to (not including) the first of `eos_ids`."""
+        out, stops = [], set(self.eos_ids)
+        for i in ids:
+            if i in stops:
+                break
+            out.append(i)
+        return out
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """How a problem or question is put to the model: for a model trained here, as the base stage
+        saw it, the text then a newline; a pretrained model's tokenizer applies its chat template."""
+        return self.encode(f"{text}\n")
+
+    def pair_ids(self, prompt: str, response: str) -> tuple[list[int], int]:
+        """A (prompt, response) pair as one sequence of ids ending in eos, and where the response
+        starts (0 when the prompt's ids are not a prefix of the whole: then every token is trained)."""
+        head = self.prompt_ids(prompt)
+        full = self.encode(f"{prompt}\n{response}") + [self.eos_id]
+        return full, len(head) if full[:len(head)] == head else 0
 
     def save(self, folder: str | Path) -> Path:
         """Write tokenizer.json and tokenizer_meta.json into `folder` (created); returns it."""
@@ -97,7 +124,7 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
 
-    def __init__(self, tokenizer: HFTokenizer):
+    def __init__(self, tokenizer: HFTokenizerLib):
         self._tok = tokenizer
         self._tok.encode_special_tokens = True  # "<eos>" in text is text, not the special token
         self.vocab_size = tokenizer.get_vocab_size()
@@ -114,7 +141,7 @@ class BPETokenizer(Tokenizer):
         `split_digits`, each digit is pre-split into its own piece, so no merge spans digits."""
         if vocab_size < 258:
             raise ValueError(f"vocab_size {vocab_size} is below 258 (256 bytes and 2 special tokens)")
-        tok = HFTokenizer(models.BPE())
+        tok = HFTokenizerLib(models.BPE())
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
                              if split_digits else byte_level)
@@ -140,10 +167,197 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def load(cls, folder: str | Path) -> BPETokenizer:
-        return cls(HFTokenizer.from_file(str(Path(folder) / VOCAB_FILE)))
+        return cls(HFTokenizerLib.from_file(str(Path(folder) / VOCAB_FILE)))
 
 
-KINDS: dict[str, type[Tokenizer]] = {"byte": ByteTokenizer, "bpe": BPETokenizer}
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+            "generation_config.json", "config.json")
+"""The files of a Hugging Face checkpoint besides its weights that an imported model keeps (those
+present) in tokenizer/, and so hands on through every stage: the tokenizer, its chat template, the
+generation settings, and config.json (what `distillery model export-hf` writes back)."""
+
+
+class HFTokenizer(Tokenizer):
+    """A pretrained model's own tokenizer: its tokenizer.json run by the `tokenizers` library, its
+    special tokens and chat template from tokenizer_config.json (or chat_template.jinja), and the
+    end-of-sequence ids of tokenizer_config.json and generation_config.json.
+
+    `encode` adds no special tokens but recognises the ones written in the text, as transformers'
+    tokenizers do: a chat-templated prompt holds its control tokens as text. `chat` renders the chat
+    template (a sandboxed Jinja environment, as transformers' apply_chat_template)."""
+
+    kind = "hf"
+
+    def __init__(self, tokenizer: HFTokenizerLib, config: dict, generation: dict | None = None,
+                 model_vocab: int | None = None):
+        self._tok, self.config = tokenizer, config
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.chat_template = _template(config.get("chat_template"))
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        eos = [tokenizer.token_to_id(self.eos_token)] if self.eos_token else []
+        gen_eos = (generation or {}).get("eos_token_id")
+        eos += gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        self._eos_ids = tuple(dict.fromkeys(i for i in eos if isinstance(i, int)))
+        if not self._eos_ids:
+            raise ValueError("tokenizer_config.json names no eos_token (and generation_config.json no eos_token_id)")
+        self.eos_id = self._eos_ids[0]
+        pad = _token_text(config.get("pad_token"))
+        pad_id = tokenizer.token_to_id(pad) if pad else None
+        self.pad_id = pad_id if pad_id is not None else self.eos_id
+        self.add_bos = bool(config.get("add_bos_token")) and self.bos_token is not None
+        self.bos_id = tokenizer.token_to_id(self.bos_token) if self.bos_token else None
+        self._files: dict[str, str] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self._eos_ids
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template rendered over `messages` ({"role", "content"} dicts)."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        return render_chat(self.chat_template, messages, add_generation_prompt,
+                           bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Ids of a user's question as the model expects it: chat-templated (one user turn, the
+        assistant's turn opened) where the tokenizer has a template, else the text after BOS where
+        the tokenizer adds one."""
+        if self.chat_template:
+            return self.encode(self.chat([{"role": "user", "content": text}]))
+        return ([self.bos_id] if self.add_bos and self.bos_id is not None else []) + self.encode(text)
+
+    def pair_ids(self, prompt: str, response: str) -> tuple[list[int], int]:
+        """The prompt as `prompt_ids` puts it, then the response and the model's eos (the end of an
+        assistant turn in a chat template, e.g. <|im_end|>)."""
+        head = self.prompt_ids(prompt)
+        return head + self.encode(response) + [self.eos_id], len(head)
+
+    def _vocab_json(self) -> str:
+        return self._files.get(VOCAB_FILE) or self._tok.to_str(pretty=False)  # the original bytes when read
+
+    def save(self, folder: str | Path) -> Path:
+        folder = super().save(folder)
+        self.save_hf(folder)
+        return folder
+
+    def save_hf(self, folder: str | Path) -> None:
+        """The Hugging Face files only (tokenizer.json, tokenizer_config.json, ...), as they were read."""
+        folder = Path(folder)
+        files = {VOCAB_FILE: self._vocab_json(), "tokenizer_config.json": json.dumps(self.config, indent=2),
+                 **{k: v for k, v in self._files.items() if k != VOCAB_FILE}}
+        for name, text in files.items():
+            (folder / name).write_text(text, encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> HFTokenizer:
+        folder = Path(folder)
+        files = {name: (folder / name).read_text(encoding="utf-8") for name in HF_FILES if (folder / name).is_file()}
+        return cls.from_files(files, str(folder))
+
+    @classmethod
+    def from_files(cls, files: dict[str, str], where: str) -> HFTokenizer:
+        """From the texts of a Hugging Face tokenizer's files (HF_FILES, by name); `where` names them in errors."""
+        if VOCAB_FILE not in files:
+            raise ValueError(f"{where}: no {VOCAB_FILE} (a Hugging Face fast tokenizer is needed; "
+                             f"sentencepiece .model files are not read)")
+        try:
+            tok = HFTokenizerLib.from_str(files[VOCAB_FILE])
+        except Exception as err:  # the library raises its own Exception type
+            raise ValueError(f"{where}/{VOCAB_FILE}: not a tokenizers file: {str(err)[:200]}") from None
+        config = _json(files.get("tokenizer_config.json", "{}"), f"{where}/tokenizer_config.json")
+        if "chat_template.jinja" in files and not config.get("chat_template"):
+            config["chat_template"] = files["chat_template.jinja"]
+        generation = _json(files.get("generation_config.json", "{}"), f"{where}/generation_config.json")
+        out = cls(tok, config, generation)
+        out._files = dict(files)
+        return out
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte, as byte-level BPE vocabularies spell them."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+def as_hf_tokenizer(tok: Tokenizer) -> HFTokenizer:
+    """The Hugging Face form of one of our tokenizers, with the same ids: a byte tokenizer becomes a
+    byte-level BPE without merges (byte b is id b), a BPE one keeps its tokenizer.json."""
+    from tokenizers import AddedToken
+
+    if isinstance(tok, ByteTokenizer):
+        lib = HFTokenizerLib(models.BPE(vocab={c: b for b, c in _bytes_to_unicode().items()}, merges=[]))
+        lib.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        lib.decoder = decoders.ByteLevel()
+        lib.add_special_tokens([AddedToken(EOS, special=True), AddedToken(PAD, special=True)])
+        text = lib.to_str()
+    elif isinstance(tok, BPETokenizer):
+        text = tok._vocab_json()
+    else:
+        raise ValueError(f"no Hugging Face form for a {tok.kind!r} tokenizer")
+    config = {"eos_token": EOS, "pad_token": PAD, "tokenizer_class": "PreTrainedTokenizerFast",
+              "model_max_length": 1 << 30}
+    return HFTokenizer.from_files({VOCAB_FILE: text, "tokenizer_config.json": json.dumps(config, indent=2)}, "tokenizer")
+
+
+def _json(text: str, where: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    return value
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json gives it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _template(value) -> str | None:
+    """The default chat template (a list of named ones is allowed, as in transformers)."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) and value else None
+
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool, **specials: str) -> str:
+    """Render a chat template as transformers does: a sandboxed, immutable Jinja environment with
+    trim_blocks and lstrip_blocks, the loop-controls extension, `raise_exception`, `strftime_now`
+    and a `tojson` that keeps non-ASCII text."""
+    import datetime
+
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            tools=None, documents=None, **specials)
+
+
+KINDS: dict[str, type[Tokenizer]] = {"byte": ByteTokenizer, "bpe": BPETokenizer, "hf": HFTokenizer}
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:

@@ -63,8 +63,8 @@ def reference_outputs(model_folder: str | os.PathLike, cfg: CheckConfig) -> dict
     texts = []
     for prompt in cfg.prompts:
         ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
-        out = model.generate(ids, cfg.max_tokens, temperature=0.0, eos_id=tok.eos_id)[0, ids.size(1):].tolist()
-        texts.append(tok.decode(out[: out.index(tok.eos_id)] if tok.eos_id in out else out))
+        out = model.generate(ids, cfg.max_tokens, temperature=0.0, eos_id=tok.eos_ids)[0, ids.size(1):].tolist()
+        texts.append(tok.decode(tok.until_eos(out)))
     score_ids, logps = [], []
     for text in cfg.score_texts:
         ids = tok.encode(text)[: model.cfg.block_size]

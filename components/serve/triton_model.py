@@ -85,7 +85,8 @@ def prompt_ids(row: object, tok, block_size: int, max_tokens: int) -> list[int]:
         text = bytes(row).decode("utf-8")
     except UnicodeDecodeError as err:
         raise RequestError(f"text_input is not valid UTF-8: {err}") from None
-    ids = tok.encode(text)
+    # a pretrained model's chat template makes the text the user's turn (as a chat endpoint does)
+    ids = tok.prompt_ids(text) if getattr(tok, "chat_template", None) else tok.encode(text)
     if not ids:
         raise RequestError("text_input is empty (the model needs at least one prompt token)")
     if len(ids) + max_tokens > block_size:
@@ -125,13 +126,8 @@ def generate_batch(model, tok, rows: list[list[int]], max_tokens: list[int], tem
 
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     idx = torch.tensor(rows, dtype=torch.long)  # (B, T)
-    out = model.generate(idx, max(max_tokens), temperature=temperature, eos_id=tok.eos_id, generator=gen)
-    texts = []
-    for i, n in enumerate(max_tokens):
-        new = out[i, idx.size(1): idx.size(1) + n].tolist()
-        if tok.eos_id in new:
-            new = new[: new.index(tok.eos_id)]
-        texts.append(tok.decode(new))
+    out = model.generate(idx, max(max_tokens), temperature=temperature, eos_id=tok.eos_ids, generator=gen)
+    return [tok.decode(tok.until_eos(out[i, idx.size(1): idx.size(1) + n].tolist())) for i, n in enumerate(max_tokens)]
     return texts
 
 

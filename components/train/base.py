@@ -52,8 +52,12 @@ def make_tokenizer(cfg: TokenizerConfig, texts: list[str], folder: Path, resumin
 
 def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig, out_dir: str | os.PathLike,
         data_dir: str | os.PathLike | None = None, text: str | os.PathLike | None = None,
-        progress: bool = True, fresh: bool = False) -> dict[str, Any]:
+        progress: bool = True, fresh: bool = False, init_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train the base stage from a split folder (train.jsonl, val.jsonl) or a text file.
+
+    With `init_dir` (a model folder: an imported pretrained model, or an earlier stage's), this is
+    continued pretraining: the model, its weights and its tokenizer come from there (`model_cfg`
+    and `tok_cfg` are not used, except model_cfg.block_size, the longest training sequence).
 
     Resumes from the newest checkpoint in `out_dir` unless `fresh`, which first removes the
     stage's earlier outputs. Ends by writing manifest.json and metrics.json beside them."""
@@ -68,7 +72,15 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
     resuming = (out / "checkpoints").is_dir()
     if not any((out / name).exists() for name in ("checkpoints", "tokenizer", "metrics.jsonl", "manifest.json")):
         check_output(out, tuple(p for p in (data_dir, text) if p is not None))  # never over foreign files
-    seq = model_cfg.block_size
+    init = None
+    if init_dir is not None:
+        from components.model.folder import load_pretrained
+
+        init_cfg, init, init_tok = load_pretrained(init_dir)
+        seq = min(model_cfg.block_size, init_cfg.block_size)
+        model_cfg = init_cfg
+    else:
+        seq = model_cfg.block_size
     curriculum = Curriculum.from_config(train_cfg)
     rank0 = os.environ.get("RANK", "0") == "0"
     if text is not None:
@@ -76,7 +88,7 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
             corpus = Path(text).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise DataError(f"{text}: cannot read the text corpus: {err}") from None
-        tok = make_tokenizer(tok_cfg, [corpus], out / "tokenizer", resuming)
+        tok = init_tok if init is not None else make_tokenizer(tok_cfg, [corpus], out / "tokenizer", resuming)
         ids = torch.tensor(tok.encode(corpus), dtype=torch.long)
         cut = int(ids.numel() * 0.9)
         train_b = StreamBatches(ids[:cut], seq, train_cfg.micro_batch, train_cfg.seed, curriculum)
@@ -85,7 +97,8 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
         rows = load_canonical(Path(data_dir) / "train.jsonl")
         val_path = Path(data_dir) / "val.jsonl"
         val_rows = load_canonical(val_path) if val_path.is_file() and val_path.stat().st_size else []
-        tok = make_tokenizer(tok_cfg, [row_text(r) for r in rows], out / "tokenizer", resuming)
+        tok = init_tok if init is not None else make_tokenizer(tok_cfg, [row_text(r) for r in rows],
+                                                               out / "tokenizer", resuming)
 
         def encode(rs):
             return [tok.encode(row_text(r)) + [tok.eos_id] for r in rs]
@@ -99,11 +112,14 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
                   f"all of them from step {curriculum.growth_steps}")
         val_b = RowBatches(encode(val_rows), [1.0] * len(val_rows), seq, train_cfg.micro_batch,
                            train_cfg.seed + 1, tok.pad_id) if val_rows else None
-    if model_cfg.vocab_size != tok.vocab_size:
+    if init is None and model_cfg.vocab_size != tok.vocab_size:
         model_cfg = ModelConfig(**{**model_cfg.__dict__, "vocab_size": tok.vocab_size})
-    summary = train(model_cfg, train_cfg, train_b, val_b, tok, out, progress=progress)
+    summary = train(model_cfg, train_cfg, train_b, val_b, tok, out, progress=progress, init=init,
+                    stage={"name": "base", "init": str(init_dir)} if init is not None else None)
     if torch.distributed.get_rank() == 0:
         inputs = {"text": text} if text is not None else {"train": Path(data_dir) / "train.jsonl"}
+        if init_dir is not None:
+            inputs["init"] = Path(init_dir) / "model.safetensors"
         finish(out, "train.base", inputs, {"model": asdict(model_cfg), "train": asdict(train_cfg),
                                            "tokenizer": asdict(tok_cfg)}, summary,
                {"model": out / "model", "metrics": out / "metrics.jsonl"})

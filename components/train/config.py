@@ -151,6 +151,14 @@ class ReinforceConfig:
     grow_layers: int = 0
     """Progressive growth: deepen the model by this many blocks before the stage (copies of
     trained blocks whose output projections start at zero, so the function is unchanged)."""
+    lora_rank: int = 0
+    """LoRA: > 0 trains low-rank adapters of this rank only, every base weight frozen bit for bit;
+    the merged model goes on to the next stage and the adapter is saved beside it in PEFT's layout
+    (<out>/adapter). 0: train the weights themselves."""
+    lora_alpha: float = 16.0
+    """LoRA: the adapters' output is scaled by lora_alpha / lora_rank."""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    """LoRA: the linears that get adapters, by their Hugging Face Llama names, comma-separated."""
     lr: float = 5e-5
     """Peak learning rate (warm-up, then cosine to lr * 0.1). Keep it well below the base stage's:
     with batches this small, larger steps mostly perturb what the base learnt (measured: 2e-4
@@ -185,6 +193,8 @@ class ReinforceConfig:
                 "accuracy_weight and format_weight: not negative, not both 0")
         require(bool(self.answer_marker.strip()), "answer_marker: must not be blank")
         require(self.grow_layers >= 0, "grow_layers: must not be negative")
+        require(self.lora_rank >= 0 and self.lora_alpha > 0, "lora_rank must not be negative, lora_alpha positive")
+        _check_targets(self.lora_targets)
         require(self.precision in PRECISIONS, f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
     def train_config(self) -> TrainConfig:
@@ -211,7 +221,15 @@ class FinetuneConfig:
     """Linear warm-up steps."""
     train_top_layers: int = 2
     """Train only the top this many blocks (and the final norm); the embeddings, the tied output
-    head and the blocks below stay frozen, bit for bit. 0 trains everything."""
+    head and the blocks below stay frozen, bit for bit. 0 trains everything. Not used with LoRA."""
+    lora_rank: int = 0
+    """LoRA: > 0 trains low-rank adapters of this rank only, every base weight frozen bit for bit;
+    the merged model goes on to the next stage and the adapter is saved beside it in PEFT's layout
+    (<out>/adapter). 0: train the weights themselves."""
+    lora_alpha: float = 16.0
+    """LoRA: the adapters' output is scaled by lora_alpha / lora_rank."""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    """LoRA: the linears that get adapters, by their Hugging Face Llama names, comma-separated."""
     precision: str = "auto"
     """auto, bf16, fp32 or fp16 (as train.precision)."""
     zero_stage: int = 1
@@ -228,10 +246,19 @@ class FinetuneConfig:
                 "steps, micro_batch and grad_accum must be at least 1")
         require(self.lr > 0, "lr: must be > 0")
         require(self.train_top_layers >= 0, "train_top_layers: must not be negative (0 trains everything)")
+        require(self.lora_rank >= 0 and self.lora_alpha > 0, "lora_rank must not be negative, lora_alpha positive")
+        _check_targets(self.lora_targets)
         require(self.precision in PRECISIONS, f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
     def train_config(self) -> TrainConfig:
         return engine_config(self)
+
+
+def _check_targets(targets: str) -> None:
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # components/model/lora.py
+    bad = [t for t in names if t not in known]
+    require(bool(names) and not bad, f"lora_targets: {', '.join(bad) or 'empty'} not among {', '.join(known)}")
 
 
 def engine_config(stage) -> TrainConfig:

@@ -34,7 +34,7 @@ import torch
 from components.artifacts import atomic_dir
 from components.config import ConfigError
 from components.console import Progress, log
-from components.model import ModelConfig, Transformer
+from components.model import ModelConfig, Transformer, lora
 from components.train import checkpoint
 from components.train.batches import Batch
 from components.train.config import TrainConfig
@@ -257,12 +257,14 @@ def _cut_metrics(path: Path, step: int) -> None:
 def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Objective,
           val_batches: Batches | None, tokenizer: Any, out_dir: str | os.PathLike, progress: bool = True,
           init: dict[str, torch.Tensor] | None = None, freeze: Callable[[Transformer], None] | None = None,
-          stage: dict[str, Any] | None = None) -> dict[str, Any]:
+          stage: dict[str, Any] | None = None, adapter_base: str = "") -> dict[str, Any]:
     """Train (or resume) one stage into `out_dir`; returns the summary metrics.
 
     `train_batches` is a batch sampler (language modeling) or an Objective (GRPO...). `init`
     and `freeze` go to build_engine; `stage` (JSON) joins the run's fingerprint, so a checkpoint
-    only resumes the same stage settings, and is recorded in the exported model/manifest.json."""
+    only resumes the same stage settings, and is recorded in the exported model/manifest.json.
+    When `freeze` added LoRA adapters (components/model/lora.py), model/ holds the merged weights
+    and adapter/ the adapters in PEFT's layout (`adapter_base`: the base model they belong to)."""
     out = Path(out_dir)
     par = None
     if cfg.pipeline_parallel * cfg.tensor_parallel > 1:  # 3D parallel: components/train/parallel
@@ -344,6 +346,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
     else:
         summary = summarize(metrics_path, model.num_params(), val_loss)
         state = fp32_state(engine, frozen)  # every rank: gathering ZeRO's fp32 partitions is a collective
+        if lora.lora_modules(model):
+            if rank == 0:
+                with atomic_dir(out / "adapter") as tmp:
+                    lora.save_adapter(tmp, model, adapter_base, state)
+                    (tmp / "manifest.json").write_text(json.dumps({"step": "train", "stage": stage or {}}) + "\n")
+            state = lora.merged_state(model, state)
     if rank == 0:
         export(out / "model", state, model_cfg, tokenizer, stage)
         plot_losses(metrics_path, out / "loss.png")

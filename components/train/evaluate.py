@@ -48,14 +48,14 @@ def problems(data: str | os.PathLike, cfg: EvaluateConfig) -> list[dict]:
 def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int = 16,
                    desc: str = "evaluate") -> tuple[dict, list[dict]]:
     """({accuracy, format, perplexity, rows}, per-row completions) of one model; progress as `desc`."""
-    from components.train.grpo import prompt_text, token_logprobs
+    from components.train.grpo import token_logprobs
     from components.train.stages import encode_pairs
 
     correct = formatted = 0.0
     nll, count = 0.0, 0
     answers = []
     by_len: dict[int, list[int]] = {}
-    prompts = [tok.encode(prompt_text(r.get("prompt") or "")) for r in rows]
+    prompts = [tok.prompt_ids(r.get("prompt") or "") for r in rows]
     pairs, starts = encode_pairs(rows, tok)
     from components.train.grpo import MIN_COMPLETION
 
@@ -77,14 +77,14 @@ def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int
                 continue
             budget = min(cfg.max_new_tokens, model.cfg.block_size - length)
             idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long)
-            out = model.generate(idx, budget, temperature=0, eos_id=tok.eos_id)
+            out = model.generate(idx, budget, temperature=0, eos_id=tok.eos_ids)
             for i, row in zip(chunk, out[:, length:].tolist()):
-                completions[i] = tok.decode(t for t in row if t != tok.eos_id)
+                completions[i] = tok.decode(tok.until_eos(row))
             if k:
                 idx = torch.tensor([prompts[i] for i in chunk for _ in range(k)], dtype=torch.long)
-                out = model.generate(idx, budget, temperature=cfg.temperature, eos_id=tok.eos_id, generator=g)
+                out = model.generate(idx, budget, temperature=cfg.temperature, eos_id=tok.eos_ids, generator=g)
                 for j, row in enumerate(out[:, length:].tolist()):
-                    sampled[chunk[j // k]].append(tok.decode(t for t in row if t != tok.eos_id))
+                    sampled[chunk[j // k]].append(tok.decode(tok.until_eos(row)))
             bar.update(len(chunk))
     bar.close()
     pass1 = 0.0

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from components.data.load import DataError
+from components.model.lora import merged_state
 from components.train.batches import _generator
 from components.train.config import ReinforceConfig
 from components.train.rewards import accuracy_reward, format_reward, parse_answer
@@ -85,9 +86,10 @@ def token_logprobs(model, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, seq[:, prompt_len:, None]).squeeze(-1)
 
 
-def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 on each completion's tokens up to and including its first eos, 0 after: (G, T)."""
-    is_eos = (completion == eos_id).int()
+def completion_mask(completion: torch.Tensor, eos_id: int | tuple[int, ...]) -> torch.Tensor:
+    """1 on each completion's tokens up to and including its first eos (any of the ids), 0 after: (G, T)."""
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=completion.device)
+    is_eos = torch.isin(completion, stops).int()
     after = (is_eos.cumsum(dim=1) - is_eos) > 0  # strictly after the first eos
     return (~after).int()
 
@@ -115,11 +117,6 @@ MIN_COMPLETION = 16
 """Prompts longer than block_size - MIN_COMPLETION tokens are not used (no room to answer)."""
 
 
-def prompt_text(prompt: str) -> str:
-    """How a problem is put to the model: as the base stage saw it, the prompt then a newline."""
-    return f"{prompt}\n"
-
-
 class GRPO:
     """The reinforcement stage's Objective for components/train/engine.train."""
 
@@ -135,7 +132,7 @@ class GRPO:
         self.prompts = []
         for r in rows:
             ref = reference_answer(r, cfg.answer_marker)
-            ids = tokenizer.encode(prompt_text(r.get("prompt") or ""))
+            ids = tokenizer.prompt_ids(r.get("prompt") or "")
             if ref is not None and parse_answer(ref) is not None and 0 < len(ids) <= room:
                 self.prompts.append(Prompt(ids, ref))
         if not self.prompts:
@@ -187,9 +184,9 @@ class GRPO:
         idx = torch.tensor([p.ids for p in prompts for _ in range(G)], dtype=torch.long)
         budget = min(cfg.max_new_tokens, self.block_size - P)
         seq = model.generate(idx, budget, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                             eos_id=self.tok.eos_id, generator=g)
+                             eos_id=self.tok.eos_ids, generator=g)
         t1 = time.perf_counter()
-        mask = completion_mask(seq[:, P:], self.tok.eos_id)
+        mask = completion_mask(seq[:, P:], self.tok.eos_ids)
         self.batch, totals, accs, fmts = [], [], [], []
         for i, prompt in enumerate(prompts):
             rows = slice(i * G, (i + 1) * G)
@@ -221,7 +218,7 @@ class GRPO:
         if fresh or not self.batch:
             self.sample(model, step - step % cfg.updates_per_batch, rank, world)
         if cfg.ref_update_every and step > 0 and step % cfg.ref_update_every == 0:
-            self.reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+            self.reference.load_state_dict(merged_state(model))  # the policy (adapters merged, if LoRA)
         t0 = time.perf_counter()
         total, kls, clipped, tokens = 0.0, [], [], 0
         for r in self.batch:

@@ -26,14 +26,13 @@ from components.artifacts import check_output, finish
 from components.console import log
 from components.data.load import DataError, load_canonical
 from components.model import Transformer
-from components.train.base import row_text
 from components.train.batches import RowBatches
 from components.train.config import FinetuneConfig, ReinforceConfig
 from components.train.engine import train
 from components.model.folder import load_pretrained
 from components.train.pretrained import deepen, freeze_below
 
-OUTPUTS = ("checkpoints", "metrics.jsonl", "model", "loss.png", "plots", "rewards.png", "manifest.json",
+OUTPUTS = ("checkpoints", "metrics.jsonl", "model", "adapter", "loss.png", "plots", "rewards.png", "manifest.json",
            "metrics.json")
 
 
@@ -62,14 +61,29 @@ def _val_batches(rows: list[dict], tok, seq: int, micro_batch: int, seed: int) -
 
 
 def encode_pairs(rows: list[dict], tok) -> tuple[list[list[int]], list[int]]:
-    """Each row as `prompt \\n response <eos>` token ids, and where its response starts."""
+    """Each row as token ids (`prompt \\n response <eos>`, or the chat template of a pretrained
+    model's tokenizer: Tokenizer.pair_ids), and where its response starts."""
     ids, starts = [], []
     for r in rows:
-        prompt = tok.encode(f"{r.get('prompt') or ''}\n")
-        full = tok.encode(row_text(r)) + [tok.eos_id]
+        full, start = tok.pair_ids(r.get("prompt") or "", r.get("response") or "")
         ids.append(full)
-        starts.append(len(prompt) if full[:len(prompt)] == prompt else 0)
+        starts.append(start)
     return ids, starts
+
+
+def _outputs(out: Path) -> dict[str, Path]:
+    """What the stage's manifest records: model/, metrics.jsonl and, with LoRA, adapter/."""
+    found = {"model": out / "model", "metrics": out / "metrics.jsonl"}
+    return {**found, "adapter": out / "adapter"} if (out / "adapter").is_dir() else found
+
+
+def _lora(cfg):
+    """The engine's `freeze` that adds LoRA adapters (and freezes the rest), or None (lora_rank 0)."""
+    if cfg.lora_rank <= 0:
+        return None
+    from components.model.lora import add_lora
+
+    return lambda model: add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
 
 
 def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: str | os.PathLike,
@@ -90,14 +104,14 @@ def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: s
     train_cfg = cfg.train_config()
     val = _val_batches(_rows(data_dir, "val.jsonl"), tok, model_cfg.block_size, 8, cfg.seed)
     summary = train(model_cfg, train_cfg, objective, val, tok, out, progress=progress, init=state,
-                    stage={"name": "reinforce", **asdict(cfg)})
+                    freeze=_lora(cfg), stage={"name": "reinforce", **asdict(cfg)}, adapter_base=str(init_dir))
     summary.update(_tail_means(out / "metrics.jsonl", ("reward", "accuracy", "format", "kl", "length")))
     if torch.distributed.get_rank() == 0:
         plot_rewards(out / "metrics.jsonl", out / "rewards.png")
         finish(out, "train.reinforce", {"init": Path(init_dir) / "model.safetensors",
                                         "train": data_dir / "train.jsonl"},
                {"reinforce": asdict(cfg), "model": asdict(model_cfg)}, summary,
-               {"model": out / "model", "metrics": out / "metrics.jsonl"})
+               _outputs(out))
     return summary
 
 
@@ -116,13 +130,14 @@ def run_finetune(cfg: FinetuneConfig, init_dir: str | os.PathLike, data_dir: str
     batches = RowBatches(ids, [float(r.get("weight", 1.0)) for r in rows], model_cfg.block_size, cfg.micro_batch,
                          cfg.seed, tok.pad_id, loss_from=starts)
     val = _val_batches(_rows(data_dir, "val.jsonl"), tok, model_cfg.block_size, cfg.micro_batch, cfg.seed)
+    freeze = _lora(cfg) or (lambda m: freeze_below(m, cfg.train_top_layers))
     summary = train(model_cfg, cfg.train_config(), batches, val, tok, out, progress=progress, init=state,
-                    freeze=lambda m: freeze_below(m, cfg.train_top_layers), stage={"name": "finetune", **asdict(cfg)})
+                    freeze=freeze, stage={"name": "finetune", **asdict(cfg)}, adapter_base=str(init_dir))
     if torch.distributed.get_rank() == 0:
         finish(out, "train.finetune", {"init": Path(init_dir) / "model.safetensors",
                                        "train": data_dir / "train.jsonl"},
                {"finetune": asdict(cfg), "model": asdict(model_cfg)}, summary,
-               {"model": out / "model", "metrics": out / "metrics.jsonl"})
+               _outputs(out))
     return summary
 
 

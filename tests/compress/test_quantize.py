@@ -147,9 +147,27 @@ def test_tampered_artifacts_are_refused_naming_the_file(saved):
         load_model(folder)
 
 
-def test_untied_embedding_quantization_is_a_config_error():
-    with pytest.raises(ConfigError, match="quantize.embedding"):
-        quantize_model(tiny(tie=False))
+def test_a_pretrained_models_shapes_quantize_and_load_back(tmp_path):
+    """Grouped-query attention, q/k/v and output biases (kept float) and an untied head (an INT8
+    linear of its own beside the INT8 embedding): saved, loaded, and close to the float model."""
+    model = tiny(tie=False, n_head=4, n_kv_head=2, qkv_bias=True, out_bias=True)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.c_attn.bias.normal_(0, 0.5)
+            block.attn.c_proj.bias.normal_(0, 0.5)
+    q, spec = quantize_model(model)
+    assert type(q.lm_head) is QuantLinear and q.lm_head.weight_int8.data_ptr() != q.wte.weight_int8.data_ptr()
+    assert q.blocks[0].attn.c_attn.bias.dtype == torch.float32
+    save_quantized(q, spec, ByteTokenizer(), tmp_path)
+    loaded, _ = load_model(tmp_path)
+    idx = torch.randint(0, 258, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, got, back = model(idx)[0], q(idx)[0], loaded(idx)[0]
+    assert torch.equal(got, back)
+    assert float((got - ref).abs().max()) < 0.05 * float(ref.abs().max())
+
+
+def test_untied_embedding_quantization_can_be_left_float():
     q, spec = quantize_model(tiny(tie=False), embedding=False)
     assert type(q.lm_head) is torch.nn.Linear and type(q.wte) is torch.nn.Embedding
     assert len(spec["modules"]) == 2 * 5 and quantizable(q) == []  # every block linear is INT8 now

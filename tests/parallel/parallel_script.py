@@ -4,7 +4,8 @@ synthetic corpus under a pp x tp x dp topology (dp = processes / (pp * tp)).
     [deepspeed --num_gpus N] tests/parallel/parallel_script.py OUT_DIR PP TP STEPS ACCUM [VARIANT] [PRECISION]
 
 ACCUM is the micro-batches per optimizer step *per data-parallel rank*: the single-process run
-that matches N processes takes ACCUM * dp. VARIANT: dense (default), moe (no bias update), moe-balance (bias update 0.01) or untied; PRECISION:
+that matches N processes takes ACCUM * dp. VARIANT: dense (default), moe (no bias update), moe-balance (bias update 0.01), untied, or gqa (Llama/Qwen
+shapes: 2 key/value heads for 4 query heads, q/k/v and output biases, an untied head); PRECISION:
 fp32 (default) or bf16.
 """
 
@@ -29,7 +30,8 @@ ids = torch.tensor(tok.encode(text), dtype=torch.long)
 model_cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=4, n_head=4, n_embd=32, block_size=32, ffn_hidden=64,
                         ffn="moe" if variant.startswith("moe") else "dense",
                         moe_bias_update=0.01 if variant == "moe-balance" else 0.0,
-                        tie_embeddings=variant != "untied", kernels="torch")
+                        tie_embeddings=variant not in ("untied", "gqa"), kernels="torch",
+                        **(dict(n_kv_head=2, qkv_bias=True, out_bias=True) if variant == "gqa" else {}))
 cfg = TrainConfig(steps=steps, micro_batch=2, grad_accum=accum, lr=3e-3, warmup_steps=2, precision=precision,
                   checkpoint_every=int(os.environ.get("CHECKPOINT_EVERY", "10")), keep_checkpoints=5,
                   eval_every=0, eval_batches=1, pipeline_parallel=pp, tensor_parallel=tp, zero_stage=1)

@@ -1,8 +1,8 @@
 """3D parallelism (components/train/parallel) against the single-process run of the same model
 and data: real DeepSpeed processes over gloo, started by the deepspeed launcher.
 
-The default run checks pp=2 x tp=2 (4 processes) and a resume of its checkpoint under
-pp=1 x tp=2 x dp=2; `make test-slow` adds 8 processes (pp=2, tp=2, dp=2) and every pair of
+The default run checks pp=2 x tp=2 (4 processes) on the Llama/Qwen shapes (grouped-query attention,
+biases, an untied head) and a resume of its checkpoint under pp=1 x tp=2 x dp=2; `make test-slow` adds 8 processes (pp=2, tp=2, dp=2) and every pair of
 dimensions over 20 steps, the untied head, MoE and bf16.
 """
 
@@ -22,15 +22,14 @@ from safetensors.torch import load_file
 from components.config import ConfigError
 from components.model import ModelConfig
 from components.train.parallel.tensor import Shard, check_divisible, join, split
-from distillery_cli import ENV, REPO
+from distillery_cli import ENV, REPO, launcher
 
 SCRIPT = REPO / "tests/parallel/parallel_script.py"
 
 
 def _run(out: Path, procs: int, pp: int, tp: int, steps: int, accum: int, *extra: str,
          every: int = 10) -> subprocess.CompletedProcess:
-    launcher = [] if procs == 1 else ["-m", "deepspeed.launcher.runner", "--num_gpus", str(procs)]
-    cmd = [sys.executable, *launcher, str(SCRIPT), str(out), str(pp), str(tp), str(steps), str(accum), *extra]
+    cmd = [sys.executable, *([] if procs == 1 else launcher(procs)), str(SCRIPT), str(out), str(pp), str(tp), str(steps), str(accum), *extra]
     return subprocess.run(cmd, env={**ENV, "CHECKPOINT_EVERY": str(every)}, capture_output=True, text=True,
                           timeout=900, cwd=REPO)
 
@@ -53,9 +52,11 @@ def _close(a: list[float], b: list[float], rtol: float) -> None:
 @given(rows=st.integers(1, 13), cols=st.integers(1, 7), size=st.sampled_from([1, 2, 3, 4]),
        kind=st.sampled_from(["rows", "cols", "qkv", "vocab"]))
 def test_split_then_join_gives_the_whole_tensor_back(rows, cols, size, kind):
-    shard = {"rows": Shard(0), "cols": Shard(1), "qkv": Shard(0, segments=3), "vocab": Shard(0, full=rows)}[kind]
-    if kind == "qkv":
-        rows *= 3 * size
+    shard = {"rows": Shard(0), "cols": Shard(1), "qkv": Shard(0, segments=(2 * rows * size, rows * size,
+                                                                           rows * size)),
+             "vocab": Shard(0, full=rows)}[kind]
+    if kind == "qkv":  # grouped-query: twice as many query rows as key rows
+        rows *= 4 * size
     elif kind == "rows":
         rows *= size
     elif kind == "cols":
@@ -71,9 +72,13 @@ def test_split_then_join_gives_the_whole_tensor_back(rows, cols, size, kind):
 def test_qkv_shards_hold_whole_heads_of_q_k_and_v():
     C, tp = 8, 2
     w = torch.arange(3 * C, dtype=torch.float32)[:, None].expand(3 * C, 4)  # row i holds i
-    part = split(w, Shard(0, segments=3), 1, tp)
+    part = split(w, Shard(0, segments=(C, C, C)), 1, tp)
     # rank 1 holds the second half of q's rows, of k's and of v's
     assert part[:, 0].tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
+    # grouped-query: 8 query rows, 4 key rows, 4 value rows
+    w = torch.arange(16, dtype=torch.float32)[:, None]
+    part = split(w, Shard(0, segments=(8, 4, 4)), 1, tp)
+    assert part[:, 0].tolist() == [4, 5, 6, 7, 10, 11, 14, 15]
 
 
 def test_vocabulary_padding_rows_are_zero_and_dropped_on_join():
@@ -86,6 +91,8 @@ def test_vocabulary_padding_rows_are_zero_and_dropped_on_join():
 def test_a_model_that_does_not_split_is_refused_by_name():
     with pytest.raises(ConfigError, match="model.n_head: 4 is not divisible by train.tensor_parallel 3"):
         check_divisible(ModelConfig(n_head=4, n_embd=64), 3)
+    with pytest.raises(ConfigError, match="model.n_kv_head: 2 is not divisible by train.tensor_parallel 4"):
+        check_divisible(ModelConfig(n_head=8, n_kv_head=2, n_embd=64), 4)
 
 
 def test_more_processes_than_the_topology_divides_is_a_clear_error(tmp_path):
@@ -101,12 +108,12 @@ def test_more_processes_than_the_topology_divides_is_a_clear_error(tmp_path):
 def single(tmp_path_factory):
     """One process, 8 steps of 4 micro-batches (the global batch of every topology below)."""
     out = tmp_path_factory.mktemp("single")
-    return out, _train(out, 1, 1, 1, 8, 4, every=4)
+    return out, _train(out, 1, 1, 1, 8, 4, "gqa", every=4)
 
 
 def test_pipeline_x_tensor_parallel_matches_one_process_and_resumes_under_another_topology(single, tmp_path):
     single_out, reference = single
-    losses = _train(tmp_path / "p2t2", 4, 2, 2, 8, 4, every=4)
+    losses = _train(tmp_path / "p2t2", 4, 2, 2, 8, 4, "gqa", every=4)
     _close(losses, reference, 1e-4)
     # the checkpoint holds whole tensors under the single-device names: the same weights as one process
     ours = load_file(str(tmp_path / "p2t2/model/model.safetensors"))
@@ -119,7 +126,7 @@ def test_pipeline_x_tensor_parallel_matches_one_process_and_resumes_under_anothe
     shutil.copytree(tmp_path / "p2t2/checkpoints/step-00000004", resumed / "checkpoints/step-00000004")
     lines = (tmp_path / "p2t2/metrics.jsonl").read_text().splitlines()[:4]
     (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-    proc = _run(resumed, 4, 1, 2, 8, 2, every=4)
+    proc = _run(resumed, 4, 1, 2, 8, 2, "gqa", every=4)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "resuming from" in proc.stderr and "step-00000004" in proc.stderr  # the distillery logger: stderr
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
@@ -127,7 +134,7 @@ def test_pipeline_x_tensor_parallel_matches_one_process_and_resumes_under_anothe
     _close([r["loss"] for r in rows[4:]], reference[4:], 1e-4)
     # another global batch (1 micro-batch per replica now) is another optimisation: refused, nothing touched
     before = {p.name: p.stat().st_mtime_ns for p in (resumed / "checkpoints").iterdir()}
-    proc = _run(resumed, 4, 1, 2, 8, 1, every=4)
+    proc = _run(resumed, 4, 1, 2, 8, 1, "gqa", every=4)
     assert proc.returncode != 0
     assert "the global batch included" in proc.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (resumed / "checkpoints").iterdir()} == before

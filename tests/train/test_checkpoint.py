@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from components.train import checkpoint
+from distillery_cli import launcher
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("ds_resume_script.py")
@@ -21,7 +22,7 @@ SCRIPT = Path(__file__).with_name("ds_resume_script.py")
 
 def _deepspeed(n: int, *args: str) -> None:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), str(SCRIPT), *args]
+    cmd = [sys.executable, *launcher(n), str(SCRIPT), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

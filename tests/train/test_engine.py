@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distillery_cli import launcher
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("train_script.py")
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -74,7 +76,7 @@ def test_outputs_and_learning(tmp_path):
 def test_resuming_under_another_number_of_processes_is_refused(tmp_path):
     _run(tmp_path, "dense", "4")
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", str(SCRIPT), str(tmp_path), "dense", "4"]
+    cmd = [sys.executable, *launcher(2), str(SCRIPT), str(tmp_path), "dense", "4"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode != 0
     assert "written by 1 data-parallel processes and this run has 2" in proc.stdout + proc.stderr
@@ -91,8 +93,7 @@ def test_other_variants_learn(tmp_path, variant):
 
 @pytest.mark.parametrize("procs", [1, 2])
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, procs):
-    launcher = [] if procs == 1 else ["-m", "deepspeed.launcher.runner", "--num_gpus", str(procs)]
-    proc = subprocess.run([sys.executable, *launcher, str(REPO / "tests/train/fp16_script.py"), str(tmp_path)],
+    proc = subprocess.run([sys.executable, *([] if procs == 1 else launcher(procs)), str(REPO / "tests/train/fp16_script.py"), str(tmp_path)],
                           env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for rank in range(procs):

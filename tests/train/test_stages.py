@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distillery_cli import ENV, REPO, cli, ok
+from distillery_cli import ENV, REPO, cli, launcher, ok
 from safetensors.torch import load_file
 
 from components.data.config import GenerateConfig
@@ -115,7 +115,7 @@ def test_stage_errors_name_what_is_wrong(trained, tmp_path):
 def test_grpo_runs_on_two_processes_and_logs_their_mean(trained):
     """Each rank samples its own prompts; the step's reward statistics are all-reduced over gloo."""
     root, split = trained, str(trained / "split")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--module", "pipelines.cli",
+    cmd = [sys.executable, *launcher(2), "--module", "pipelines.cli",
            "train", "--stage", "reinforce", "--init", str(root / "base/model"), "--data", split,
            "--out", str(root / "rl2"), "--preset", "tiny", "--set", "reinforce.steps=2"]
     ok(subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=REPO))

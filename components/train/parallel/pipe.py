@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from components.config import ConfigError
 from components.model import ModelConfig, Transformer
-from components.model.model import rope_tables, token_loss
+from components.model.model import model_rope_tables, token_loss
 from components.train.parallel.tensor import VocabParallelEmbedding, shard_model, vocab_parallel_loss
 
 
@@ -107,14 +107,14 @@ class BlockPipe(nn.Module):
     def __init__(self, block: nn.Module, cfg: ModelConfig):
         super().__init__()
         self.block, self.cfg = block, cfg
-        cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         device = self.rope_cos.device
-        self.rope_cos, self.rope_sin = rope_tables(self.cfg.block_size, self.cfg.head_dim, self.cfg.rope_theta, device)
+        self.rope_cos, self.rope_sin = model_rope_tables(self.cfg, device)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

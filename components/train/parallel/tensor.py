@@ -71,12 +71,13 @@ class _ReduceFromTP(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class Shard:
-    """How a parameter is split over the tensor-parallel group: along `dim`, each of `segments`
-    equal segments of the whole tensor split separately (3 for the fused q, k, v projection),
-    the whole tensor's size along `dim` being `full` (the vocabulary before padding)."""
+    """How a parameter is split over the tensor-parallel group: along `dim`, each segment of the
+    whole tensor (sizes `segments` along `dim`; empty: one segment) split separately (the fused
+    projection's query, key and value parts, which differ in size under grouped-query attention);
+    or, with `full`, vocabulary rows padded to a multiple of the group (`full` rows before padding)."""
 
     dim: int
-    segments: int = 1
+    segments: tuple[int, ...] = ()
     full: int = 0
 
 
@@ -94,7 +95,7 @@ def split(full: torch.Tensor, shard: Shard, rank: int, size: int) -> torch.Tenso
         part = full[rank * per: min((rank + 1) * per, shard.full)]
         out[: part.size(0)] = part
         return out
-    chunks = full.chunk(shard.segments, dim=shard.dim)
+    chunks = full.split(list(shard.segments), dim=shard.dim) if shard.segments else (full,)
     return torch.cat([c.chunk(size, dim=shard.dim)[rank] for c in chunks], dim=shard.dim).clone()
 
 
@@ -102,24 +103,28 @@ def join(parts: list[torch.Tensor], shard: Shard) -> torch.Tensor:
     """The whole tensor from every rank's part, in rank order (the inverse of `split`)."""
     if shard.full:
         return torch.cat(parts, dim=0)[: shard.full]
-    pieces = [p.chunk(shard.segments, dim=shard.dim) for p in parts]  # [rank][segment]
-    return torch.cat([torch.cat([pc[s] for pc in pieces], dim=shard.dim) for s in range(shard.segments)],
+    local = [s // len(parts) for s in shard.segments] or [parts[0].size(shard.dim)]
+    pieces = [p.split(local, dim=shard.dim) for p in parts]  # [rank][segment]
+    return torch.cat([torch.cat([pc[s] for pc in pieces], dim=shard.dim) for s in range(len(local))],
                      dim=shard.dim)
 
 
 class ColumnParallelLinear(nn.Module):
     """y_local = x W_local^T: this rank's output features (rows of W); the output stays split."""
 
-    def __init__(self, linear: nn.Linear, group, rank: int, size: int, segments: int = 1, copy_input: bool = True):
+    def __init__(self, linear: nn.Linear, group, rank: int, size: int, segments: tuple[int, ...] = (),
+                 copy_input: bool = True):
         super().__init__()
         self.group, self.copy_input = group, copy_input
-        shard = Shard(dim=0, segments=segments)
+        shard = Shard(dim=0, segments=tuple(segments))
         self.weight = _mark(nn.Parameter(split(linear.weight.data, shard, rank, size)), shard)
+        self.bias = None if linear.bias is None else _mark(nn.Parameter(split(linear.bias.data, shard, rank, size)),
+                                                           shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # copy_input False: the caller copied x once for several column-parallel layers (SwiGLU's
         # gate and up), so their input gradients are summed before the one all-reduce
-        return F.linear(_CopyToTP.apply(x, self.group) if self.copy_input else x, self.weight)
+        return F.linear(_CopyToTP.apply(x, self.group) if self.copy_input else x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -130,9 +135,11 @@ class RowParallelLinear(nn.Module):
         self.group = group
         shard = Shard(dim=1)
         self.weight = _mark(nn.Parameter(split(linear.weight.data, shard, rank, size)), shard)
+        self.bias = linear.bias  # replicated, added once after the reduction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ReduceFromTP.apply(F.linear(x, self.weight), self.group)
+        y = _ReduceFromTP.apply(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -211,7 +218,8 @@ def vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor, weights: to
 
 def check_divisible(model_cfg, tp: int) -> None:
     """Refuse a model whose heads or feed-forward width do not split over `tp` ranks."""
-    for name, value in (("model.n_head", model_cfg.n_head), ("model.ffn_hidden (the SwiGLU width)", model_cfg.hidden)):
+    for name, value in (("model.n_head", model_cfg.n_head), ("model.n_kv_head", model_cfg.kv_heads),
+                        ("model.ffn_hidden (the SwiGLU width)", model_cfg.hidden)):
         if value % tp:
             raise ConfigError(f"{name}: {value} is not divisible by train.tensor_parallel {tp}")
 
@@ -232,9 +240,11 @@ def shard_model(model: nn.Module, group, rank: int, size: int) -> nn.Module:
 
     for block in model.blocks:
         attn = block.attn
-        attn.c_attn = ColumnParallelLinear(attn.c_attn, group, rank, size, segments=3)
+        q, kv = attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim
+        attn.c_attn = ColumnParallelLinear(attn.c_attn, group, rank, size, segments=(q, kv, kv))
         attn.c_proj = RowParallelLinear(attn.c_proj, group, rank, size)
-        attn.n_head //= size  # the attention runs on this rank's heads
+        attn.n_head //= size  # the attention runs on this rank's query and key/value heads
+        attn.n_kv_head //= size
         ffn = block.ffn
         for expert in ([*ffn.experts, *([ffn.shared] if ffn.shared is not None else [])]
                        if isinstance(ffn, MoE) else [ffn]):

@@ -1,0 +1,529 @@
+"""Hugging Face checkpoints in and out: the Llama family (LlamaForCausalLM, Qwen2ForCausalLM,
+MistralForCausalLM) as transformers defines it, and GGUF files of it.
+
+    import_model("path/to/hf-folder", "models/qwen")     # or a .gguf file; writes a model folder
+    export_hf("runs/finetune/model", "exports/hf")       # what AutoModelForCausalLM.from_pretrained reads
+
+The mapping is exact: a Hugging Face model's q/k/v projections are concatenated into our fused
+`c_attn` (query rows, then key rows, then value rows), every other tensor is renamed; export splits
+and renames back, in the checkpoint's own dtype, so import then export gives the same bits.
+
+Only safetensors are read, and no checkpoint code is run: a pytorch_model.bin (a pickle) and a
+config.json that asks for its own code (auto_map) are refused by name, and so is every
+architecture, activation, bias or RoPE scaling this mapping does not cover. Nothing is written
+unless the whole import or export succeeds (components.artifacts.atomic_dir).
+
+The imported model folder is an ordinary one (model.json, model.safetensors in fp32, tokenizer/);
+its tokenizer/ also keeps the checkpoint's config.json and generation_config.json, so every stage
+hands them on and the export writes the same architecture back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from components.model.config import ModelConfig
+from components.model.folder import ModelFolderError, load_model
+from components.model.tokenizer import VOCAB_FILE, HFTokenizer, as_hf_tokenizer
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+ROPE_TYPES = {"default", "linear", "llama3"}
+MAX_SEQ_LEN = 8192
+"""The longest context an import keeps by default (block_size): the RoPE tables and the KV cache
+are sized by it; `--max-seq-len` raises it up to the checkpoint's max_position_embeddings."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHARD_BYTES = 2 * 1024 ** 3
+"""Export: the most bytes of tensors per safetensors file (transformers' default is 5 GB; 2 GB
+keeps every shard under the 2 GiB that some readers and object stores handle in one piece)."""
+
+
+class HFImportError(ModelFolderError):
+    """A checkpoint that cannot be imported: the message names the file and what is wrong."""
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+def config_from_hf(hf: dict, where: str, max_seq_len: int = MAX_SEQ_LEN) -> ModelConfig:
+    """Our ModelConfig for a Hugging Face config.json (dict); refuses what the mapping does not cover."""
+    def fail(message: str):
+        raise HFImportError(f"{where}: {message}")
+
+    if hf.get("auto_map") or hf.get("trust_remote_code"):
+        fail("asks for the checkpoint's own code (auto_map); distillery never runs remote code. "
+             "Supported: " + ", ".join(ARCHITECTURES))
+    archs = hf.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    family = ARCHITECTURES.get(arch) if arch else None
+    if family is None or hf.get("model_type", family) != family:
+        fail(f"architecture {arch or hf.get('model_type')!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+
+    def num(key: str, default=None, kind=int):
+        value = hf.get(key, default)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (kind is int and value != int(value)):
+            fail(f"{key}: expected a number, got {value!r}")
+        return kind(value)
+
+    if hf.get("hidden_act", "silu") != "silu":
+        fail(f"hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
+    if hf.get("mlp_bias"):
+        fail("mlp_bias: feed-forward biases are not supported")
+    if family == "qwen2" and hf.get("use_sliding_window"):
+        fail("use_sliding_window: Qwen2's per-layer sliding window is not supported")
+    n_embd, n_head = num("hidden_size"), num("num_attention_heads")
+    head_dim = num("head_dim", 0) if hf.get("head_dim") is not None else n_embd // max(n_head, 1)
+    rope = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    if not isinstance(scaling, dict) or not isinstance(rope, dict):
+        fail("rope_scaling: expected a mapping")
+    rope.update(scaling)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        fail(f"rope_scaling: rope type {rope_type!r} is not supported; supported: {', '.join(sorted(ROPE_TYPES))}")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    max_pos = num("max_position_embeddings", 2048)
+    window = hf.get("sliding_window") if family == "mistral" else None
+    attention_bias = bool(hf.get("attention_bias", False))
+    cfg = ModelConfig(
+        vocab_size=num("vocab_size"), n_layer=num("num_hidden_layers"), n_head=n_head,
+        n_kv_head=num("num_key_value_heads", n_head), n_embd=n_embd,
+        head_size=head_dim if head_dim * n_head != n_embd else 0,
+        block_size=min(max_pos, max_seq_len), ffn_hidden=num("intermediate_size"),
+        qkv_bias=family == "qwen2" or attention_bias, out_bias=attention_bias,
+        sliding_window=int(window) if isinstance(window, int) and window < min(max_pos, max_seq_len) else 0,
+        rope_theta=float(theta), rope_type=rope_type, rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_position=int(rope.get("original_max_position_embeddings", max_pos)),
+        norm_eps=num("rms_norm_eps", 1e-6, float), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        dropout=0.0,
+    )
+    try:
+        cfg.check()
+    except ValueError as err:
+        fail(str(err))
+    return cfg
+
+
+def config_to_hf(cfg: ModelConfig, original: dict | None, dtype: str) -> dict:
+    """A config.json for `cfg`: the imported checkpoint's own (its other keys kept) with our sizes
+    written over it, or a new LlamaForCausalLM one for a model trained here."""
+    if cfg.ffn != "dense" or cfg.attention != "dense":
+        raise ModelFolderError(f"model.json: ffn {cfg.ffn!r} / attention {cfg.attention!r} have no Hugging Face "
+                               f"Llama equivalent (export needs ffn dense and attention dense)")
+    hf = dict(original or {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu"})
+    family = ARCHITECTURES.get((hf.get("architectures") or ["LlamaForCausalLM"])[0], "llama")
+    biases = {"llama": {(False, False), (True, True)},  # attention_bias sets q, k, v and o together
+              "qwen2": {(True, False)}, "mistral": {(False, False)}}[family]
+    if (cfg.qkv_bias, cfg.out_bias) not in biases:
+        raise ModelFolderError(f"model.json: qkv_bias {cfg.qkv_bias} with out_bias {cfg.out_bias} cannot be "
+                               f"written as a {family} config")
+    hf.update(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.hidden,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+        rope_theta=cfg.rope_theta, torch_dtype=dtype,
+    )
+    hf.setdefault("max_position_embeddings", cfg.block_size)
+    hf.pop("rope_parameters", None)
+    hf.pop("dtype", None)
+    if family == "llama":
+        hf["attention_bias"] = cfg.qkv_bias
+    if family == "mistral":
+        hf.setdefault("sliding_window", cfg.sliding_window or None)
+    if cfg.rope_type == "default":
+        hf["rope_scaling"] = None
+    else:
+        hf["rope_scaling"] = {"rope_type": cfg.rope_type, "factor": cfg.rope_factor}
+        if cfg.rope_type == "llama3":
+            hf["rope_scaling"].update(low_freq_factor=cfg.rope_low_freq_factor,
+                                      high_freq_factor=cfg.rope_high_freq_factor,
+                                      original_max_position_embeddings=cfg.rope_original_max_position)
+    return hf
+
+
+# ---- tensors --------------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_RENAME = {
+    "input_layernorm.weight": "ln_1.weight", "post_attention_layernorm.weight": "ln_2.weight",
+    "self_attn.o_proj.weight": "attn.c_proj.weight", "self_attn.o_proj.bias": "attn.c_proj.bias",
+    "mlp.gate_proj.weight": "ffn.w_gate.weight", "mlp.up_proj.weight": "ffn.w_up.weight",
+    "mlp.down_proj.weight": "ffn.c_proj.weight",
+}
+_QKV = ("q_proj", "k_proj", "v_proj")
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer that old checkpoints saved
+
+
+def hf_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face checkpoint of `cfg` holds, with its shape."""
+    C, D, H, K = cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.kv_heads
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, C), "model.norm.weight": (C,)}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, C)
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": (C,), p + "post_attention_layernorm.weight": (C,),
+                    p + "self_attn.q_proj.weight": (H * D, C), p + "self_attn.k_proj.weight": (K * D, C),
+                    p + "self_attn.v_proj.weight": (K * D, C), p + "self_attn.o_proj.weight": (C, H * D),
+                    p + "mlp.gate_proj.weight": (cfg.hidden, C), p + "mlp.up_proj.weight": (cfg.hidden, C),
+                    p + "mlp.down_proj.weight": (C, cfg.hidden)})
+        if cfg.qkv_bias:
+            out.update({p + "self_attn.q_proj.bias": (H * D,), p + "self_attn.k_proj.bias": (K * D,),
+                        p + "self_attn.v_proj.bias": (K * D,)})
+        if cfg.out_bias:
+            out[p + "self_attn.o_proj.bias"] = (C,)
+    return out
+
+
+def hf_to_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict (fp32) from a Hugging Face checkpoint's tensors (already checked by name and shape)."""
+    state = {"wte.weight": tensors["model.embed_tokens.weight"], "ln_f.weight": tensors["model.norm.weight"]}
+    state["lm_head.weight"] = state["wte.weight"] if cfg.tie_embeddings else tensors["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        p, q = f"model.layers.{i}.", f"blocks.{i}."
+        for theirs, ours in _RENAME.items():
+            if p + theirs in tensors:
+                state[q + ours] = tensors[p + theirs]
+        state[q + "attn.c_attn.weight"] = torch.cat([tensors[f"{p}self_attn.{n}.weight"] for n in _QKV])
+        if cfg.qkv_bias:
+            state[q + "attn.c_attn.bias"] = torch.cat([tensors[f"{p}self_attn.{n}.bias"] for n in _QKV])
+    return {k: v.float() for k, v in state.items()}
+
+
+def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A Hugging Face checkpoint's tensors (in `dtype`) from our float state dict."""
+    H, K, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+    out = {"model.embed_tokens.weight": state["wte.weight"], "model.norm.weight": state["ln_f.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        p, q = f"model.layers.{i}.", f"blocks.{i}."
+        for theirs, ours in _RENAME.items():
+            if q + ours in state:
+                out[p + theirs] = state[q + ours]
+        for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            parts = state[f"{q}attn.c_attn.{kind}"].split((H * D, K * D, K * D))
+            out.update({f"{p}self_attn.{n}.{kind}": t for n, t in zip(_QKV, parts)})
+    return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
+
+
+def read_safetensors(src: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors from model.safetensors or the shards of model.safetensors.index.json,
+    each checked against the names and shapes that config.json implies."""
+    from safetensors import SafetensorError, safe_open
+
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise HFImportError(f"{index}: not a safetensors index (no weight_map)") from None
+        files = sorted(set(weight_map.values()))
+    elif (src / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt*"))
+        if pickles:
+            raise HFImportError(f"{src / pickles[0]}: a PyTorch pickle; distillery never unpickles checkpoints. "
+                                f"Convert it to safetensors first (transformers: model.save_pretrained(dir, "
+                                f"safe_serialization=True), in an environment you trust)")
+        raise HFImportError(f"{src}: no model.safetensors or model.safetensors.index.json")
+    from components.console import Progress
+
+    expected = hf_names(cfg)
+    tensors: dict[str, torch.Tensor] = {}
+    bar = Progress(len(expected), f"import {src.name}", unit="tensor")
+    for name in files:
+        path = src / name
+        if Path(name).name != name or not path.is_file():
+            raise HFImportError(f"{path}: a shard named by the index is missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if _IGNORED.match(key) or (key == "lm_head.weight" and cfg.tie_embeddings):
+                        continue
+                    if key not in expected:
+                        raise HFImportError(f"{path}: unexpected tensor {key!r} for this config.json "
+                                            f"(another architecture, or more layers than num_hidden_layers?)")
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != expected[key]:
+                        raise HFImportError(f"{path}: tensor {key} has shape {shape}, config.json implies "
+                                            f"{expected[key]}")
+                    tensors[key] = f.get_tensor(key)
+                    bar.update()
+        except SafetensorError as err:
+            raise HFImportError(f"{path}: not a readable safetensors file: {err}") from None
+    bar.close()
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise HFImportError(f"{src}: {len(missing)} tensors missing, e.g. {missing[0]} (a missing shard?)")
+    return tensors
+
+
+# ---- GGUF -----------------------------------------------------------------------------------------
+
+def _gguf_pre_tokenizer(pre: str | None):
+    """The pre-tokenizer llama.cpp uses for a GGUF's tokenizer.ggml.pre (byte-level BPE)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in (None, "default", "gpt2", "gpt-2"):
+        return byte_level
+    if pre == "smollm":  # each digit its own piece, then GPT-2's split
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    qwen2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    split = {"llama3": llama3, "llama-v3": llama3, "llama-bpe": llama3, "qwen2": qwen2}.get(pre)
+    if split is None:
+        raise HFImportError(f"tokenizer.ggml.pre {pre!r}: this GGUF's pre-tokenizer is not supported; "
+                            f"supported: smollm, llama-bpe, qwen2, gpt2")
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _gguf_tokenizer(fields: dict, where: str) -> HFTokenizer:
+    """A Hugging Face tokenizer (tokenizer.json and tokenizer_config.json texts) from a GGUF's
+    byte-level BPE vocabulary, merges, special ids and chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    kind = fields.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise HFImportError(f"{where}: tokenizer.ggml.model {kind!r} is not supported (byte-level BPE, 'gpt2', only)")
+    tokens, types = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.token_type") or []
+    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = _gguf_pre_tokenizer(fields.get("tokenizer.ggml.pre"))
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == 3]
+    if control:
+        tok.add_special_tokens(control)
+
+    def token(key: str) -> str | None:
+        i = fields.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+    config = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
+              "pad_token": token("padding_token_id"), "unk_token": token("unknown_token_id"),
+              "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+              "chat_template": fields.get("tokenizer.chat_template"), "tokenizer_class": "PreTrainedTokenizerFast"}
+    files = {VOCAB_FILE: tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
+    return HFTokenizer.from_files(files, where)
+
+
+def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of q and k rows (its RoPE rotates adjacent pairs, transformers'
+    the two halves of each head)."""
+    return w.reshape(heads, w.size(0) // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+              "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+              "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+              "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+              "attn_v.bias": "self_attn.v_proj.bias",
+              "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+              "ffn_down.weight": "mlp.down_proj.weight"}
+
+
+def read_gguf(path: Path, max_seq_len: int = MAX_SEQ_LEN) -> tuple[dict, dict[str, torch.Tensor], HFTokenizer]:
+    """(Hugging Face config dict, Hugging Face tensors in fp32, tokenizer) of a llama or qwen2 GGUF
+    file, its quantized tensors dequantized with the `gguf` package."""
+    import numpy as np
+    from gguf import GGUFReader, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError, struct.error) as err:
+        raise HFImportError(f"{path}: not a readable GGUF file: {err}") from None
+    fields = {}
+    for key, field in reader.fields.items():
+        try:
+            fields[key] = field.contents()
+        except Exception:  # a field type this gguf version cannot decode: not one we read
+            continue
+    arch = fields.get("general.architecture")
+    families = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    if arch not in families:
+        raise HFImportError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(families)}")
+
+    def meta(key: str, default=None):
+        value = fields.get(f"{arch}.{key}", default)
+        if value is None:
+            raise HFImportError(f"{path}: no {arch}.{key} in the GGUF metadata")
+        return value
+
+    tok = _gguf_tokenizer(fields, str(path))
+    n_head = int(meta("attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    hf = {"architectures": [families[arch]], "model_type": arch, "hidden_act": "silu",
+          "vocab_size": len(fields["tokenizer.ggml.tokens"]), "hidden_size": int(meta("embedding_length")),
+          "intermediate_size": int(meta("feed_forward_length")), "num_hidden_layers": int(meta("block_count")),
+          "num_attention_heads": n_head, "num_key_value_heads": int(meta("attention.head_count_kv", n_head)),
+          "max_position_embeddings": int(meta("context_length", 2048)),
+          "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+          "rope_theta": float(meta("rope.freq_base", 10000.0)), "tie_word_embeddings": "output.weight" not in names,
+          "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"),
+          "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"), "torch_dtype": "bfloat16"}
+    if fields.get(f"{arch}.rope.scaling.type", "none") not in ("none", None):
+        raise HFImportError(f"{path}: RoPE scaling {fields[f'{arch}.rope.scaling.type']!r} in a GGUF is not supported")
+    from components.console import Progress
+
+    n_kv = hf["num_key_value_heads"]
+    tensors: dict[str, torch.Tensor] = {}
+    bar = Progress(len(reader.tensors), f"import {path.name}", unit="tensor")
+    for t in reader.tensors:
+        bar.update()
+        qtype = GGMLQuantizationType(t.tensor_type)
+        try:
+            array = np.asarray(dequantize(t.data, qtype), dtype=np.float32) if qtype not in (
+                GGMLQuantizationType.F32, GGMLQuantizationType.F16) else np.asarray(t.data, dtype=np.float32)
+        except NotImplementedError:
+            raise HFImportError(f"{path}: tensor {t.name} is quantized as {qtype.name}, which the gguf package "
+                                f"cannot dequantize") from None
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+        w = torch.from_numpy(array.reshape(shape).copy())
+        if t.name == "token_embd.weight":
+            tensors["model.embed_tokens.weight"] = w
+        elif t.name == "output_norm.weight":
+            tensors["model.norm.weight"] = w
+        elif t.name == "output.weight":
+            tensors["lm_head.weight"] = w
+        elif (m := re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)) and m.group(2) in GGUF_NAMES:
+            name = GGUF_NAMES[m.group(2)]
+            if arch == "llama" and name.startswith(("self_attn.q_proj", "self_attn.k_proj")):
+                w = _unpermute(w, n_head if "q_proj" in name else n_kv)
+            tensors[f"model.layers.{m.group(1)}.{name}"] = w
+        elif not t.name.startswith("rope_"):
+            raise HFImportError(f"{path}: unexpected tensor {t.name!r} for a {arch} GGUF")
+    bar.close()
+    return hf, tensors, tok
+
+
+# ---- import and export ---------------------------------------------------------------------------
+
+def read_checkpoint(src: str | os.PathLike, max_seq_len: int = MAX_SEQ_LEN) -> tuple[ModelConfig, dict, HFTokenizer, dict]:
+    """(our config, our fp32 state dict, tokenizer, the Hugging Face config dict) of a Hugging Face
+    model folder or a GGUF file; every problem is an HFImportError naming the file."""
+    src = Path(src)
+    if not src.exists():
+        raise HFImportError(f"{src}: no such file or folder")
+    if src.is_file():
+        if src.suffix != ".gguf":
+            raise HFImportError(f"{src}: give a Hugging Face model folder or a .gguf file")
+        hf, tensors, tok = read_gguf(src, max_seq_len)
+        tok._files["config.json"] = json.dumps(hf, indent=2)
+        cfg = config_from_hf(hf, str(src), max_seq_len)
+        expected = hf_names(cfg)
+        for key, shape in expected.items():
+            if key not in tensors:
+                raise HFImportError(f"{src}: no tensor for {key}")
+            if tuple(tensors[key].shape) != shape:
+                raise HFImportError(f"{src}: tensor {key} has shape {tuple(tensors[key].shape)}, the metadata "
+                                    f"implies {shape}")
+        return cfg, hf_to_state(tensors, cfg), tok, hf
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise HFImportError(f"{src}: not a Hugging Face model folder (no config.json)")
+    try:
+        hf = json.loads(config_path.read_text(encoding="utf-8"))
+        assert isinstance(hf, dict)
+    except (ValueError, AssertionError):
+        raise HFImportError(f"{config_path}: not a JSON object") from None
+    cfg = config_from_hf(hf, str(config_path), max_seq_len)
+    try:
+        tok = HFTokenizer.load(src)
+    except (OSError, ValueError) as err:
+        raise HFImportError(f"{src}: tokenizer: {err}") from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise HFImportError(f"{src / VOCAB_FILE}: {tok.vocab_size} token ids, more than the vocab_size "
+                            f"{cfg.vocab_size} of config.json")
+    tensors = read_safetensors(src, cfg)
+    return cfg, hf_to_state(tensors, cfg), tok, hf
+
+
+def import_model(src: str | os.PathLike, out: str | os.PathLike, max_seq_len: int = MAX_SEQ_LEN) -> Path:
+    """Write the model folder of a Hugging Face checkpoint or GGUF file `src` to `out`, atomically."""
+    from components.artifacts import atomic_dir, write_json
+    from components.model.folder import save_model
+
+    cfg, state, tok, hf = read_checkpoint(src, max_seq_len)
+    with atomic_dir(out, inputs=(src,)) as tmp:
+        save_model(tmp, state, cfg, tok)
+        write_json(tmp / "manifest.json", {"step": "import", "source": str(src), "architecture": hf["architectures"][0],
+                                           "parameters": sum(v.numel() for k, v in state.items()
+                                                             if not (cfg.tie_embeddings and k == "lm_head.weight"))})
+    return Path(out)
+
+
+def export_hf(model_folder: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
+              shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write any stage's model folder as a Hugging Face one (config.json, generation_config.json,
+    safetensors sharded by size with an index, the tokenizer files and chat template) to `out`,
+    atomically. An INT8 folder is dequantized (said so in config.json). `dtype`: the checkpoint's
+    own (imported models), else float32."""
+    from safetensors.torch import save_file
+
+    from components.artifacts import atomic_dir, write_json
+    from components.model.int8 import dequantized_state
+
+    folder = Path(model_folder)
+    model, tok = load_model(folder)
+    original = None
+    if isinstance(tok, HFTokenizer) and "config.json" in tok._files:  # an imported model's own config
+        original = json.loads(tok._files["config.json"])
+    dtype = dtype or (original or {}).get("torch_dtype") or (original or {}).get("dtype") or "float32"
+    if dtype not in DTYPES:
+        raise ModelFolderError(f"{folder}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    quantized = (folder / "quantization.json").is_file()
+    cfg = model.cfg
+    hf = config_to_hf(cfg, original, dtype)
+    if quantized:
+        hf["distillery_int8_dequantized"] = ("weights were INT8 (per-channel, symmetric) in distillery and are "
+                                             "written here dequantized; the INT8 rounding is in the values")
+    tensors = state_to_hf(dequantized_state(model) if quantized else model.state_dict(), cfg, DTYPES[dtype])
+    hf_tok = tok if isinstance(tok, HFTokenizer) else as_hf_tokenizer(tok)
+    with atomic_dir(out, inputs=(model_folder,)) as tmp:
+        shards, size = [[]], 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        if len(shards) == 1:
+            save_file({k: tensors[k] for k in shards[0]}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards, 1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file({k: tensors[k] for k in names}, str(tmp / file), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(names, file))
+            write_json(tmp / "model.safetensors.index.json",
+                       {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                        "weight_map": weight_map})
+        hf_tok.save_hf(tmp)
+        hf.setdefault("bos_token_id", hf_tok.bos_id)
+        hf["eos_token_id"] = hf.get("eos_token_id", hf_tok.eos_id)
+        write_json(tmp / "config.json", hf)
+        if not (tmp / "generation_config.json").exists():
+            write_json(tmp / "generation_config.json", {"bos_token_id": hf_tok.bos_id,
+                                                        "eos_token_id": list(hf_tok.eos_ids)})
+        write_json(tmp / "manifest.json", {"step": "export-hf", "source": str(model_folder), "dtype": dtype,
+                                           "int8_dequantized": quantized, "model": asdict(cfg)})
+    return Path(out)
+
+
