@@ -356,7 +356,7 @@ def cmd_render_job(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from components.data.load import load_rows
+    from components.data.load import DataError, load_rows
     from components.train.precision import native_bf16
     from pipelines.console import summary
     from pipelines.local import registry_and_next, run_local, shown
@@ -367,6 +367,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         params.registry.root = str(Path(args.out).resolve() / Path(params.registry.root).name)
     if args.source:  # read it once here: a bad file is named before any task starts
         load_rows(args.source, params.source)
+    arguments = {}
+    if args.base_model:
+        from components.model.hf import HUB
+
+        if not args.base_model.startswith(HUB) and not Path(args.base_model).exists():
+            raise DataError(f"--base-model {args.base_model}: no such file or folder")
+        arguments["base_model"] = args.base_model if args.base_model.startswith(HUB) \
+            else str(Path(args.base_model).resolve())
     bf16, hardware = native_bf16()  # `auto` is decided once, here, for every training step
     stages = {"train": params.train, "reinforce": params.reinforce, "finetune": params.finetune,
               "distill": params.distill}
@@ -381,7 +389,8 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{len(TASK_ORDER)} steps into {shown(args.out)} (step logs in {shown(Path(args.out) / 'logs')})\n"
           f"precision: {precision} ({hardware})", flush=True)
     try:
-        run = run_local(params, Path(args.out), source_uri=args.source or "", verbose=args.verbose)
+        run = run_local(params, Path(args.out), source_uri=args.source or "", verbose=args.verbose,
+                        arguments=arguments or None)
     except KeyboardInterrupt:
         print(f"distillery run: interrupted; the same command continues the run from where it stopped "
               f"(steps done and the last checkpoints are kept in {shown(args.out)})", file=sys.stderr)
@@ -597,6 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run the whole pipeline locally with kfp.local")
     run.add_argument("--out", default="runs", help="where runs go: <out>/kfp/<run>/..., <out>/latest links the newest")
     run.add_argument("--source", help="a raw data file instead of the built-in sample set")
+    run.add_argument("--base-model", help="start from a pretrained model instead of from scratch: a Hugging Face "
+                     "folder or .gguf file (distillery model import reads it), a model folder, or hf://org/name")
     run.add_argument("--verbose", action="store_true", help="show everything the steps print (KFP's executor "
                      "input, DeepSpeed...), not only their progress")
     run.set_defaults(func=cmd_run)

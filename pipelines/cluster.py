@@ -61,6 +61,9 @@ class ClusterConfig:
     mounted at `registry_mount`; registry.root should point under it on a cluster."""
     registry_mount: str = "/mnt/registry"
     """Where the registry volume is mounted."""
+    hf_secret: str = "distillery-hf-token"
+    """Secret whose key `token` becomes HF_TOKEN in train-base, for a `base_model` of hf://org/name
+    that needs one (optional: a public model or a mounted path needs none)."""
     dvc_secret: str = "distillery-dvc-remote"
     """Secret holding the DVC remote's credentials, exposed as environment variables (never in
     the YAML): its keys map to variable names by `dvc_secret_env`."""

@@ -23,6 +23,7 @@ no GPUs, node selector or tolerations; `cluster_asks` says what a compile asks f
 | task | settings |
 |---|---|
 | train-base, train-reinforce, train-finetune, distill | `gpu_type` accelerators: `gpus_per_node` for train-base (one training process per GPU, in the train section's pp x tp x dp layout, components/train/launch.py), one for the others (one process each); none when `gpus_per_node` is 0; cpu and memory requests = limits, node selector, tolerations, the checkpoint PVC at `checkpoint_mount` (and `DISTILLERY_CHECKPOINT_DIR` pointing there: the step trains on the volume, so a retried pod resumes from its last checkpoint), retries with a long window |
+| train-base (also) | HF_TOKEN from the `hf_secret` Secret's key `token` (optional), for a `base_model` of hf://org/name |
 | evaluate-stages | one accelerator (it runs one inference process), cpu/memory, node selector, tolerations, retries |
 | ingest | the DVC remote's credentials from the `dvc_secret` Secret as environment variables (optional: without the Secret ingest still reads a mounted path), retries |
 | serve-check | retries (a live server: ports, start-up races); caching off |
@@ -140,6 +141,7 @@ def build_pipeline(presets: dict[str, PipelineParams], preset: str, cluster: Clu
         preset: str = default,
         source_uri: str = "",
         source_fields: dict = {},  # a mutable default: KFP reads it; nothing changes it
+        base_model: str = "",
         generate_rows: int = 0,
         train_steps: int = 0,
         train_lr: float = 0.0,
@@ -165,7 +167,7 @@ def build_pipeline(presets: dict[str, PipelineParams], preset: str, cluster: Clu
         split.set_display_name("split")
         splits = split.outputs["splits"]
         base = training.train_base(splits=splits, preset=preset, config=config("tokenizer", "model", "train"),
-                                   train_steps=train_steps, train_lr=train_lr)
+                                   train_steps=train_steps, train_lr=train_lr, base_model=base_model)
         base.set_display_name("train base")
         reinforce = training.train_reinforce(base_model=base.outputs["model"], splits=splits, preset=preset,
                                              config=config("reinforce"), reinforce_steps=reinforce_steps,
@@ -229,6 +231,11 @@ def _run_form_doc(sections: dict[str, dict[str, Any]], default: str) -> str:
         "source_fields": 'The data\'s field names by canonical name (id, prompt, response, answer), e.g. {"prompt": '
                          '"question", "response": "answer"} for GSM8K; it replaces the whole mapping; {} keeps the '
                          f"preset's: {json.dumps(compiled['source']['fields'])}.",
+        "base_model": "A pretrained model to start from instead of training one from scratch (the base stage then "
+                      "continues its pretraining): a Hugging Face folder (Llama, Qwen2 or Mistral; safetensors) or "
+                      "a .gguf file at a path the pods can read, one of distillery's model folders, or "
+                      "hf://organisation/name[@revision], downloaded by the train-base step (token: the "
+                      "cluster.hf_secret Secret). Empty: from scratch.",
     }
     for name, (key, text) in RUN_FORM_NUMBERS.items():
         values = ", ".join(f"{preset} {_shown(_at(p, key))}" for preset, p in sections.items())
@@ -279,6 +286,9 @@ def apply_cluster(tasks: dict[str, Any], cluster: ClusterConfig) -> None:
         if name in TRAINING_TASKS and cluster.checkpoint_pvc:
             kubernetes.mount_pvc(task, pvc_name=cluster.checkpoint_pvc, mount_path=cluster.checkpoint_mount)
             task.set_env_variable(CHECKPOINT_ENV, cluster.checkpoint_mount)
+        if name == "train-base" and cluster.hf_secret:  # hf:// base models: optional, public ones need none
+            kubernetes.use_secret_as_env(task, secret_name=cluster.hf_secret, secret_key_to_env={"token": "HF_TOKEN"},
+                                         optional=True)
         if name in DVC_TASKS and cluster.dvc_secret and cluster.dvc_secret_env:
             kubernetes.use_secret_as_env(task, secret_name=cluster.dvc_secret,  # optional: a cluster without
                                          secret_key_to_env=dict(cluster.dvc_secret_env),  # it reads mounted paths

@@ -30,7 +30,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # out files in collection order, one at a time as a worker frees; started last (or, as xdist's
 # reorder by test count would have it, after every file with more tests), they ran one after
 # another at the end while the other worker idled.
-LONG_FIRST = ("pipelines/test_dvc.py", "pipelines/test_run.py", "pipelines/test_kfp.py", "parallel/test_parallel.py",
+LONG_FIRST = ("pipelines/test_dvc.py", "pipelines/test_run.py", "pipelines/test_run_base_model.py", "pipelines/test_kfp.py", "parallel/test_parallel.py",
               "train/test_checkpoint.py", "train/test_stages.py", "compress/test_distill.py", "train/test_engine.py")
 
 

@@ -131,6 +131,12 @@ def config_to_hf(cfg: ModelConfig, original: dict | None, dtype: str) -> dict:
         head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
         rope_theta=cfg.rope_theta, torch_dtype=dtype,
     )
+    layer_types = hf.get("layer_types")  # per-layer lists follow the depth (a distilled student is shallower)
+    if isinstance(layer_types, list) and len(layer_types) != cfg.n_layer:
+        if len(set(layer_types)) > 1:
+            raise ModelFolderError(f"config.json: layer_types differ per layer {layer_types[:4]}..., and this model "
+                                   f"has {cfg.n_layer} layers instead of {len(layer_types)}")
+        hf["layer_types"] = layer_types[:1] * cfg.n_layer
     hf.setdefault("max_position_embeddings", cfg.block_size)
     hf.pop("rope_parameters", None)
     hf.pop("dtype", None)
@@ -413,6 +419,47 @@ def read_gguf(path: Path, max_seq_len: int = MAX_SEQ_LEN) -> tuple[dict, dict[st
 
 
 # ---- import and export ---------------------------------------------------------------------------
+
+HUB = "hf://"
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+"""What a Hub download fetches: configs, safetensors weights, the tokenizer; never *.bin or code."""
+
+
+def resolve_base_model(source: str, work: str | os.PathLike) -> Path | None:
+    """The model folder a pipeline's `base_model` names: "" -> None (train from scratch); one of
+    our model folders (model.json) -> itself; a Hugging Face folder or .gguf file (a mounted volume)
+    -> imported into `work`/imported; hf://org/name[@revision] -> downloaded from the Hugging Face
+    Hub (token: $HF_TOKEN, from a Kubernetes Secret on a cluster) into `work`/hub, then imported."""
+    source = source.strip()
+    if not source:
+        return None
+    work = Path(work)
+    if source.startswith(HUB):
+        source = str(download_hub(source, work / "hub"))
+    path = Path(source)
+    if path.is_dir() and (path / "model.json").is_file():
+        return path
+    return import_model(path, work / "imported")
+
+
+def download_hub(uri: str, dest: Path) -> Path:
+    """Download hf://org/name[@revision] (safetensors, configs and tokenizer only) into `dest`."""
+    repo, _, revision = uri[len(HUB):].partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise HFImportError(f"{uri}: expected hf://organisation/name[@revision]")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise HFImportError(f"{uri}: HF_HUB_OFFLINE is set, so nothing is downloaded; download the model elsewhere "
+                            f"and give its folder (a mounted volume) instead")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=repo, revision=revision or None, local_dir=dest,
+                                      allow_patterns=HUB_FILES, token=os.environ.get("HF_TOKEN") or None))
+    except Exception as err:  # the hub client raises many kinds: offline, 401, 404, timeouts
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise HFImportError(f"{uri}: cannot download from the Hugging Face Hub ({reason}); offline machines: "
+                            f"download the model elsewhere and give its folder instead; private models: set "
+                            f"HF_TOKEN (on a cluster, the cluster.hf_secret Secret)") from None
 
 def read_checkpoint(src: str | os.PathLike, max_seq_len: int = MAX_SEQ_LEN) -> tuple[ModelConfig, dict, HFTokenizer, dict]:
     """(our config, our fp32 state dict, tokenizer, the Hugging Face config dict) of a Hugging Face

@@ -15,23 +15,30 @@ from components.image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train_base(splits: Input[Dataset], preset: str, config: dict, model: Output[Model], metrics: Output[Metrics],
-               loss_curve: Output[HTML], train_steps: int = 0, train_lr: float = 0.0):
+               loss_curve: Output[HTML], train_steps: int = 0, train_lr: float = 0.0, base_model: str = ""):
     """Base-stage pretraining on DeepSpeed from the split's train/val rows, one process per GPU
     of the pod (components/train/launch.py: the train.pipeline_parallel x tensor_parallel layout
-    spans them); the output folder holds the checkpoints, metrics.jsonl, loss.png and model/."""
+    spans them); the output folder holds the checkpoints, metrics.jsonl, loss.png and model/.
+    `base_model` (a path or hf://org/name, components/model/hf.py resolve_base_model): continued
+    pretraining of that model instead of training one from scratch."""
+    import tempfile
     from pathlib import Path
 
     from components.config import from_dict
     from components.kfp_io import html_page, log_metrics, preset_config, training_dir
     from components.model import ModelConfig
+    from components.model.hf import resolve_base_model
     from components.train import launch
     from components.train.config import TokenizerConfig, TrainConfig
 
     cfg = preset_config(config, preset, {"train.steps": train_steps, "train.lr": train_lr})
     tok = from_dict(TokenizerConfig, cfg["tokenizer"], "tokenizer")
     arch, train = from_dict(ModelConfig, cfg["model"], "model"), from_dict(TrainConfig, cfg["train"], "train")
-    with training_dir(model, "train-base", splits, tok, arch, train) as work:
-        summary = launch.run_base(arch, train, tok, work, splits.path)
+    key = (splits, tok, arch, train) + ((base_model,) if base_model else ())  # the same key as ever from scratch
+    with training_dir(model, "train-base", *key) as work, \
+            tempfile.TemporaryDirectory(prefix="base-model-") as imported:  # not in the artifact: a copy
+        init = resolve_base_model(base_model, imported) if base_model else None
+        summary = launch.run_base(arch, train, tok, work, splits.path, init_dir=init)
     log_metrics(metrics, summary)
     html_page(loss_curve.path, "base stage loss", [str(Path(model.path) / "loss.png")])
 

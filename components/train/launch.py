@@ -39,17 +39,19 @@ def processes() -> int:
 
 
 def run_base(model_cfg, train_cfg, tok_cfg, out_dir: str | os.PathLike, data_dir: str | os.PathLike,
-             nprocs: int | None = None) -> dict[str, Any]:
-    """base.run on `nprocs` processes (default `processes()`); returns its summary."""
+             nprocs: int | None = None, init_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """base.run on `nprocs` processes (default `processes()`); returns its summary. `init_dir`:
+    a model folder to continue pretraining."""
     from components.train import base
 
     nprocs = processes() if nprocs is None else nprocs
     if nprocs <= 1:
-        return base.run(model_cfg, train_cfg, tok_cfg, out_dir, data_dir=data_dir)
+        return base.run(model_cfg, train_cfg, tok_cfg, out_dir, data_dir=data_dir, init_dir=init_dir)
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "base.json"
         spec.write_text(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg),
-                                    "tokenizer": asdict(tok_cfg), "out": str(out_dir), "data": str(data_dir)}))
+                                    "tokenizer": asdict(tok_cfg), "out": str(out_dir), "data": str(data_dir),
+                                    "init": None if init_dir is None else str(init_dir)}))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
                "-m", "components.train.launch", str(spec)]
         code = subprocess.run(cmd).returncode
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     base.run(from_dict(ModelConfig, spec["model"], "model"), from_dict(TrainConfig, spec["train"], "train"),
-             from_dict(TokenizerConfig, spec["tokenizer"], "tokenizer"), spec["out"], data_dir=spec["data"])
+             from_dict(TokenizerConfig, spec["tokenizer"], "tokenizer"), spec["out"], data_dir=spec["data"],
+             init_dir=spec.get("init"))
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -62,12 +63,28 @@ def test_logits_match_transformers_own_gguf_load(smol, reference):
 
 
 def test_tokenizer_and_chat_template_match_transformers_on_gsm8k(smol, reference, shared_data):
+    """Equal ids on 100 GSM8K questions, but for one documented difference: the file says
+    tokenizer.ggml.pre = "smollm", which llama.cpp (and SmolLM2's own tokenizer.json) pre-tokenize
+    with every digit its own piece ("\\p{N}" first), so " 2" is " " then "2"; transformers' GGUF
+    converter (5.24) has no entry for "smollm" and keeps GPT-2's " ?\\p{N}+" (" 2" one piece).
+    Ours follows the file. With transformers' pre-tokenizer set to the file's rule, every id is equal;
+    as transformers ships it, the questions without a digit after a space are equal."""
+    from tokenizers import pre_tokenizers
+
     _, _, _, tok = smol
     _, ref_tok = reference
     rows = [json.loads(line) for line in (shared_data / "gsm8k/test.jsonl").read_text().splitlines()[:100]]
-    for row in rows:
+    as_shipped = [ref_tok(r["question"], add_special_tokens=False).input_ids for r in rows]
+    ref_tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    plain = 0
+    for row, shipped in zip(rows, as_shipped):
         q = row["question"]
         assert tok.encode(q) == ref_tok(q, add_special_tokens=False).input_ids, q
+        if not re.search(r"\s\d", q):
+            plain += 1
+            assert tok.encode(q) == shipped, q
+    assert plain >= 5  # the comparison as shipped did run
         assert tok.decode(tok.encode(q)) == q
         messages = [{"role": "user", "content": q}]
         text = ref_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -116,6 +116,11 @@ def test_volumes_secret_node_selector_tolerations(default):
             assert secret["secretNameParameter"]["runtimeValue"]["constant"] == cluster.dvc_secret
             assert {m["secretKey"]: m["envVar"] for m in secret["keyToEnv"]} == cluster.dvc_secret_env
             assert secret["optional"] is True  # a cluster without the Secret still ingests a mounted path
+        elif task == "train-base":  # HF_TOKEN for an hf:// base model, optional (public models need none)
+            (secret,) = k8s["secretAsEnv"]
+            assert secret["secretNameParameter"]["runtimeValue"]["constant"] == cluster.hf_secret
+            assert {m["secretKey"]: m["envVar"] for m in secret["keyToEnv"]} == {"token": "HF_TOKEN"}
+            assert secret["optional"] is True
         else:
             assert "secretAsEnv" not in k8s, task
     # no credential value anywhere in the YAML: only the Secret's name and keys
@@ -196,7 +201,7 @@ def test_settings_follow_the_config(tmp_path):
     assert {e["container"]["image"] for e in two.spec["deploymentSpec"]["executors"].values()} == {
         "registry.example.com/distillery:1.2"}
 
-    cpu = _compile(tmp_path, "cluster.gpus_per_node=0", "cluster.retries=0", "cluster.dvc_secret=''",
+    cpu = _compile(tmp_path, "cluster.gpus_per_node=0", "cluster.retries=0", "cluster.dvc_secret=''", "cluster.hf_secret=''",
                    "cluster.tolerations=[]", "cluster.node_selector={}", name="cpu.yaml")
     for task in ALL_TASKS:
         assert "accelerator" not in cpu.container(task).get("resources", {}), task
