@@ -144,10 +144,10 @@ OVERLAYS = ("staging", "production")
 
 
 def manifest_files() -> list[Path]:
-    """Every resource file of the kustomize tree (base and overlays): the YAML files that are not
+    """Every resource file of the kustomize trees (base, overlays, vllm): the YAML files that are not
     kustomization.yaml. manifests/crds/ holds schemas, not resources, and is left out."""
     files = []
-    for root in (MANIFESTS / "base", MANIFESTS / "overlays"):
+    for root in (MANIFESTS / "base", MANIFESTS / "overlays", MANIFESTS / "vllm"):
         files += [p for p in sorted(root.rglob("*.yaml")) if p.name != "kustomization.yaml"]
     return files
 

@@ -11,6 +11,7 @@ skip and say so.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 
@@ -66,7 +67,7 @@ def test_manifest_file_validates(path):
     assert problems == [], "\n".join(problems)
 
 
-@pytest.mark.parametrize("folder", ["base"] + [f"overlays/{o}" for o in OVERLAYS])
+@pytest.mark.parametrize("folder", ["base", "vllm"] + [f"overlays/{o}" for o in OVERLAYS])
 def test_kustomization_lists_existing_files(folder):
     kust = yaml.safe_load((MANIFESTS / folder / "kustomization.yaml").read_text(encoding="utf-8"))
     assert kust["kind"] == "Kustomization"
@@ -79,12 +80,14 @@ def test_kustomization_lists_existing_files(folder):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("folder", ["base"] + [f"overlays/{o}" for o in OVERLAYS])
+@pytest.mark.parametrize("folder", ["base", "vllm"] + [f"overlays/{o}" for o in OVERLAYS])
 def test_rendered_tree_validates(folder):
     docs = kustomize(folder)
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PyTorchJob", "NetworkPolicy", "Role",
-            "RoleBinding", "ServiceAccount", "PersistentVolumeClaim", "ConfigMap"} <= kinds
+    expected = {"Deployment", "Service", "NetworkPolicy", "PersistentVolumeClaim", "ConfigMap"}
+    if folder != "vllm":  # the vLLM path is the server alone, beside base's
+        expected |= {"HorizontalPodAutoscaler", "PyTorchJob", "Role", "RoleBinding", "ServiceAccount"}
+    assert expected <= kinds
     problems = [p for doc in docs for p in validate_object(doc)]
     assert problems == [], "\n".join(problems)
 
@@ -148,3 +151,33 @@ def test_validator_catches_real_mistakes():
     bad = copy.deepcopy(deployment)
     bad["metadata"]["name"] = "Triton_Server"
     assert any("DNS-1123" in p for p in validate_object(bad))
+
+
+# ---- the vLLM serving path over a Hugging Face export -----------------------------------------
+
+VLLM_ENGINE_ARGS = {"model", "tokenizer", "served_model_name", "dtype", "max_model_len", "gpu_memory_utilization",
+                    "tensor_parallel_size", "pipeline_parallel_size", "trust_remote_code", "enforce_eager",
+                    "disable_log_stats", "quantization", "max_num_seqs", "enable_prefix_caching", "seed",
+                    "revision", "tokenizer_mode", "swap_space", "block_size"}
+"""The vLLM AsyncEngineArgs fields model.json may set (a typo would only fail on the GPU cluster)."""
+
+
+def test_the_vllm_model_repository_is_a_valid_triton_config_over_the_export_volume():
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    repo = MANIFESTS / "vllm" / "model-repository"
+    config = text_format.Parse((repo / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.backend == "vllm" and [g.kind for g in config.instance_group] == [
+        model_config_pb2.ModelInstanceGroup.KIND_MODEL]
+    engine = json.loads((repo / "model.json").read_text())
+    assert set(engine) <= VLLM_ENGINE_ARGS, set(engine) - VLLM_ENGINE_ARGS
+    assert engine["trust_remote_code"] is False  # never run a checkpoint's own code
+    (deployment,) = [d for d in load_yaml_docs(MANIFESTS / "vllm" / "triton-vllm-deployment.yaml")]
+    pod = deployment["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert engine["model"].startswith(mounts["hf"] + "/")  # the model is on the export volume
+    items = {i["key"]: i["path"] for v in pod["volumes"] if "configMap" in v for i in v["configMap"]["items"]}
+    assert items == {"config.pbtxt": "config.pbtxt", "model.json": "1/model.json"}  # Triton's layout
+    assert mounts["repository"] == "/models/distillery_vllm"
+    assert "--model-repository=/models" in pod["containers"][0]["args"]

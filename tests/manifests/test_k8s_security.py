@@ -41,7 +41,7 @@ def _job(kind: str, gpus: int, nodes: int, stage: str = "base"):
 
 SOURCES: dict[str, Callable[[], Any]] = {
     **{f"file:{p.relative_to(MANIFESTS)}": (lambda p=p: load_yaml_docs(p)) for p in manifest_files()},
-    **{f"kustomize:{f}": (lambda f=f: list(kustomize(f))) for f in ["base"] + [f"overlays/{o}" for o in OVERLAYS]},
+    **{f"kustomize:{f}": (lambda f=f: list(kustomize(f))) for f in ["base", "vllm"] + [f"overlays/{o}" for o in OVERLAYS]},
     "job:PyTorchJob-gpu-1node": _job("PyTorchJob", 8, 1),
     "job:PyTorchJob-gpu-3nodes": _job("PyTorchJob", 4, 3),
     "job:PyTorchJob-cpu-2nodes-finetune": _job("PyTorchJob", 0, 2, "finetune"),
