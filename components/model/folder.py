@@ -25,7 +25,7 @@ from components.config import ConfigError, from_dict
 from components.data.load import DataError
 from components.model.config import ModelConfig
 from components.model.int8 import FORMAT, quantizable, swap_modules
-from components.model.model import Transformer
+from components.model.model import Transformer, model_rope_tables
 from components.model.tokenizer import load_tokenizer
 
 
@@ -54,7 +54,7 @@ def load_pretrained(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, t
         state = load_file(str(folder / "model.safetensors"))
     except (SafetensorError, OSError) as err:
         raise ModelFolderError(f"{folder / 'model.safetensors'}: not a readable safetensors file: {err}") from None
-    expected = Transformer(cfg).state_dict()
+    expected = expected_state(cfg)
     if cfg.tie_embeddings:  # tied weights are stored once, under either name
         for a, b in (("lm_head.weight", "wte.weight"), ("wte.weight", "lm_head.weight")):
             if a not in state and b in state:
@@ -93,13 +93,28 @@ def load_model(folder: str | os.PathLike) -> tuple[Transformer, object]:
     return model.eval(), tok
 
 
+def expected_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The names, shapes and dtypes of a model's state dict, as tensors without storage (meta)."""
+    with torch.device("meta"):
+        return Transformer(cfg).state_dict()
+
+
 def save_model(folder: Path, state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: Any) -> Transformer:
     """model.safetensors (fp32, tied weights stored once), model.json and tokenizer/ into `folder`
-    (the caller makes it atomic); the fp32 model it wrote."""
+    (the caller makes it atomic); the fp32 model it wrote, holding `state`'s fp32 tensors themselves
+    (no copy: a large imported model is in memory once)."""
     from safetensors.torch import save_model as save_weights
 
-    fp32 = Transformer(cfg)
-    fp32.load_state_dict(state)
+    with torch.device("meta"):  # no random initialisation of weights that are replaced at once
+        fp32 = Transformer(cfg)
+    fp32.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    if cfg.tie_embeddings:
+        fp32.lm_head.weight = fp32.wte.weight
+    fp32.rope_cos, fp32.rope_sin = model_rope_tables(cfg)
+    for module in fp32.modules():  # other buffers that are not saved (MoE's last load): zeros, on the CPU
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_meta:
+                setattr(module, name, torch.zeros_like(buf, device="cpu"))
     save_weights(fp32, str(folder / "model.safetensors"))
     (folder / "model.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
     tokenizer.save(folder / "tokenizer")

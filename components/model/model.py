@@ -37,10 +37,23 @@ class RMSNorm(nn.Module):
         if fused.active(self.kernels, x):
             return fused.rms_norm(x, self.weight, self.eps)  # kernels/rmsnorm.py, the same formula
         if x.dtype == self.weight.dtype == torch.float32:
+            if not torch.is_grad_enabled():  # inference: the same arithmetic without autograd's bookkeeping
+                return rms_norm_forward(x, self.weight, self.eps)
             return RMSNormFunction.apply(x, self.weight, self.eps)  # the same formula, a shorter backward
         xf = x.float()  # bf16: normalise in fp32, cast back, then scale (LLaMA)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
+
+
+def _normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * rstd, rstd) with rstd = 1/sqrt(mean(x^2) + eps) over the last dim."""
+    rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()  # (..., 1)
+    return x * rstd, rstd
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNormFunction's forward alone (inference): about 2x faster a call than through autograd's Function."""
+    return _normalize(x, eps)[0].mul_(weight)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -52,9 +65,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        C = x.size(-1)
-        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(C).add_(eps).rsqrt_()  # (..., 1)
-        xhat = x * rstd  # (..., C)
+        xhat, rstd = _normalize(x, eps)
         ctx.save_for_backward(xhat, rstd, weight)
         return xhat * weight
 
@@ -109,6 +120,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate pairs (x[..., i], x[..., i + D/2]) of x (B, H, T, D) by the angle of each position:
     (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), in fp32 (a bf16 x is upcast, the result cast back)."""
     T = x.size(-2)
+    if not torch.is_grad_enabled():  # inference: the rotation without autograd's bookkeeping
+        return rotate(x, cos[:T], sin[:T])
     return RoPEFunction.apply(x, cos[:T], sin[:T])
 
 
@@ -247,12 +260,16 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(qk, cos[start:], sin[start:]).split((H, Hkv), dim=1)  # one rotation for both
         if cache is not None:
             k, v = cache.append(k, v)  # (B, Hkv, start+T, D)
-        if Hkv != H:  # grouped-query attention: kv head j serves query heads j*H/Hkv .. (j+1)*H/Hkv-1
+        gqa = Hkv != H  # grouped-query attention: kv head j serves query heads j*H/Hkv .. (j+1)*H/Hkv-1
+        if gqa and self.attention == "hybrid":  # the block scores and the kernel want every head's keys
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # (B, H, ., D)
+            gqa = False
         p = self.dropout if self.training else 0.0
         window = self.sliding_window if 0 < self.sliding_window < start + T else 0
         if self.attention == "dense" and start == 0 and not window:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)  # (B, H, T, D)
+        elif self.attention == "dense" and T == 1 and not window:  # one new token sees every cached key
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa)
         elif start == 0 and p == 0.0 and fused.active(self.kernels, x) and fused.hybrid_supported(q) \
                 and self.attention == "hybrid":
             y = fused.hybrid_attention(q, k, v, self.window, self.block, self.top_k)  # kernels/hybrid_attention.py
@@ -264,7 +281,7 @@ class CausalSelfAttention(nn.Module):
                     mask = (diff >= 0) & (diff < window) if window else diff >= 0
                 else:
                     mask = hybrid_mask(q, k, self.window, self.block, self.top_k, q_start=start)  # (B, H, T, start+T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
