@@ -21,6 +21,7 @@ hands them on and the export writes the same architecture back.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -67,8 +68,8 @@ def config_from_hf(hf: dict, where: str, max_seq_len: int = MAX_SEQ_LEN) -> Mode
     def num(key: str, default=None, kind=int):
         value = hf.get(key, default)
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (kind is int and value != int(value)):
-            fail(f"{key}: expected a number, got {value!r}")
+                not math.isfinite(value) or (kind is int and value != int(value)):
+            fail(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {str(value)[:40]!r}")
         return kind(value)
 
     if hf.get("hidden_act", "silu") != "silu":
@@ -91,23 +92,25 @@ def config_from_hf(hf: dict, where: str, max_seq_len: int = MAX_SEQ_LEN) -> Mode
     max_pos = num("max_position_embeddings", 2048)
     window = hf.get("sliding_window") if family == "mistral" else None
     attention_bias = bool(hf.get("attention_bias", False))
-    cfg = ModelConfig(
-        vocab_size=num("vocab_size"), n_layer=num("num_hidden_layers"), n_head=n_head,
-        n_kv_head=num("num_key_value_heads", n_head), n_embd=n_embd,
-        head_size=head_dim if head_dim * n_head != n_embd else 0,
-        block_size=min(max_pos, max_seq_len), ffn_hidden=num("intermediate_size"),
-        qkv_bias=family == "qwen2" or attention_bias, out_bias=attention_bias,
-        sliding_window=int(window) if isinstance(window, int) and window < min(max_pos, max_seq_len) else 0,
-        rope_theta=float(theta), rope_type=rope_type, rope_factor=float(rope.get("factor", 1.0)),
-        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-        rope_original_max_position=int(rope.get("original_max_position_embeddings", max_pos)),
-        norm_eps=num("rms_norm_eps", 1e-6, float), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        dropout=0.0,
-    )
     try:
+        cfg = ModelConfig(
+            vocab_size=num("vocab_size"), n_layer=num("num_hidden_layers"), n_head=n_head,
+            n_kv_head=num("num_key_value_heads", n_head), n_embd=n_embd,
+            head_size=head_dim if head_dim * n_head != n_embd else 0,
+            block_size=min(max_pos, max_seq_len), ffn_hidden=num("intermediate_size"),
+            qkv_bias=family == "qwen2" or attention_bias, out_bias=attention_bias,
+            sliding_window=int(window) if isinstance(window, int) and window < min(max_pos, max_seq_len) else 0,
+            rope_theta=float(theta), rope_type=rope_type, rope_factor=float(rope.get("factor", 1.0)),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_position=int(rope.get("original_max_position_embeddings", max_pos)),
+            norm_eps=num("rms_norm_eps", 1e-6, float), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            dropout=0.0,
+        )
         cfg.check()
-    except ValueError as err:
+    except HFImportError:
+        raise
+    except (ValueError, TypeError, OverflowError) as err:  # a number of the wrong kind or out of range
         fail(str(err))
     return cfg
 
@@ -412,7 +415,10 @@ def read_gguf(path: Path, max_seq_len: int = MAX_SEQ_LEN) -> tuple[dict, dict[st
             if arch == "llama" and name.startswith(("self_attn.q_proj", "self_attn.k_proj")):
                 w = _unpermute(w, n_head if "q_proj" in name else n_kv)
             tensors[f"model.layers.{m.group(1)}.{name}"] = w
-        elif not t.name.startswith("rope_"):
+        elif t.name == "rope_freqs.weight":  # llama.cpp's form of Llama 3.1's RoPE scaling
+            raise HFImportError(f"{path}: RoPE frequency factors (rope_freqs, Llama 3.1 scaling) in a GGUF are not "
+                                f"supported; import the model's Hugging Face folder instead")
+        else:
             raise HFImportError(f"{path}: unexpected tensor {t.name!r} for a {arch} GGUF")
     bar.close()
     return hf, tensors, tok

@@ -252,3 +252,31 @@ def test_the_cli_imports_and_exports(good, tmp_path):
     assert (tmp_path / "hf/config.json").is_file() and (tmp_path / "hf/tokenizer.json").is_file()
     with pytest.raises(ModelFolderError):
         load_model(tmp_path / "hf")  # a Hugging Face folder is not one of ours: import it
+
+
+# ---- config.json, whatever it holds: a ModelConfig or one HFImportError, never a traceback ------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from components.model.hf import config_from_hf  # noqa: E402
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 5000), st.floats(allow_nan=True), st.text(max_size=8),
+                    st.lists(st.integers(0, 3), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+_KEYS = ["architectures", "model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+         "intermediate_size", "num_hidden_layers", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling",
+         "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias",
+         "hidden_act", "sliding_window", "use_sliding_window", "auto_map"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(base=st.sampled_from(["llama", "qwen2", "mistral"]), changes=st.dictionaries(st.sampled_from(_KEYS), _VALUES,
+                                                                                   max_size=4))
+def test_any_config_json_is_a_model_config_or_one_named_error(base, changes):
+    hf = {**_configs()[base].to_dict(), **changes}
+    try:
+        cfg = config_from_hf(hf, "config.json")
+    except HFImportError as err:
+        assert str(err).startswith("config.json: ") and "\n" not in str(err)
+    else:
+        cfg.check()
+        assert cfg.vocab_size > 0 and cfg.n_head % cfg.kv_heads == 0
