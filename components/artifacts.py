@@ -96,6 +96,17 @@ def check_output(final: Path, inputs: tuple[str | os.PathLike, ...] = ()) -> Non
                               f"{', ...' if len(foreign) > 3 else ''}) and no {MANIFEST}; refusing to replace it")
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread, a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success it replaces `final`, on error it is removed.
@@ -117,6 +128,9 @@ def atomic_dir(final: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for path in tmp.rglob("*"):  # readable by all, as the umask would make them: some writers (safetensors)
+        if path.is_file() and not path.is_symlink():  # create their files 0600, unreadable to a server's uid
+            path.chmod(path.stat().st_mode | 0o444 & ~_umask())
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")

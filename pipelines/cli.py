@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,15 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from components.config import ConfigError, deep_merge  # noqa: E402
 from pipelines.params import PipelineParams, load_params  # noqa: E402
+
+
+def _yaml_value(text: str) -> Any:
+    """A `--set` value as YAML reads it, except that numbers in exponent form without a dot, which
+    YAML 1.1 reads as text ("1e-3"), are numbers, as anyone typing them means."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        return float(value)
+    return value
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -62,7 +72,7 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
         for part in parts[:-1]:
             leaf[part] = {}
             leaf = leaf[part]
-        leaf[parts[-1]] = yaml.safe_load(value)
+        leaf[parts[-1]] = _yaml_value(value)
         out = deep_merge(out, node)
     return out
 

@@ -280,3 +280,21 @@ def test_any_config_json_is_a_model_config_or_one_named_error(base, changes):
     else:
         cfg.check()
         assert cfg.vocab_size > 0 and cfg.n_head % cfg.kv_heads == 0
+
+
+def test_written_folders_are_readable_by_a_server_running_as_another_user(imported, tmp_path):
+    """safetensors creates its files 0600; a Triton or vLLM pod reading the volume under another uid
+    could not open them. atomic_dir gives every file the read bits the umask allows."""
+    import os
+    import stat
+
+    family, tmp, _ = imported
+    if family != "qwen2":
+        pytest.skip("one family is enough")
+    out = export_hf(tmp / "ours", tmp_path / "hf")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for folder in (tmp / "ours", out):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044 & ~mask, path

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipelines.cli import main
 
@@ -134,3 +136,15 @@ def test_an_earlier_output_is_replaced_and_its_hidden_files_kept(tmp_path):
     assert main(["validate", str(src), "--out", str(out)]) == 0
     assert (out / ".gitignore").read_text() == "/clean.jsonl\n"
     assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+
+
+@settings(max_examples=100, deadline=None)
+@given(mantissa=st.floats(1e-3, 1e3, allow_nan=False), exponent=st.integers(-9, 9))
+def test_exponent_numbers_in_set_are_numbers(mantissa, exponent):
+    """YAML 1.1 reads "1e-3" as text; `--set train.lr=1e-3` means the number."""
+    from pipelines.cli import _overrides
+
+    for text in (f"{mantissa:g}e{exponent}", f"{int(mantissa)}E+{abs(exponent)}"):
+        value = _overrides([f"train.lr={text}"])["train"]["lr"]
+        assert isinstance(value, float) and value == float(text)
+    assert _overrides(["tokenizer.kind=e5"])["tokenizer"]["kind"] == "e5"  # text stays text
