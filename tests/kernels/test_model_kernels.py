@@ -13,7 +13,13 @@ from components.model import ModelConfig, Transformer
 from components.model import fused
 
 VARIANTS = [dict(attention="dense", ffn="dense"), dict(attention="dense", ffn="moe", n_experts=3, expert_top_k=2),
-            dict(attention="hybrid", ffn="dense", window=4, block=4, top_k_blocks=2)]
+            dict(attention="hybrid", ffn="dense", window=4, block=4, top_k_blocks=2),
+            # an imported model's shapes: grouped-query attention, q/k/v and output biases, an untied
+            # head, Llama 3 RoPE scaling; and the same under the hybrid attention's kernel
+            dict(attention="dense", ffn="dense", n_head=4, n_kv_head=2, qkv_bias=True, out_bias=True,
+                 tie_embeddings=False, rope_type="llama3", rope_factor=8.0, rope_original_max_position=8),
+            dict(attention="hybrid", ffn="dense", window=4, block=4, top_k_blocks=2, n_head=4, n_kv_head=1,
+                 qkv_bias=True)]
 
 
 def _pair(**kw) -> tuple[Transformer, Transformer]:
@@ -39,7 +45,8 @@ def _same_grads(on: Transformer, off: Transformer) -> None:
         torch.testing.assert_close(p.grad, grads_off[name].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v['attention']}-{v['ffn']}")
+@pytest.mark.parametrize("variant", VARIANTS,
+                         ids=lambda v: f"{v['attention']}-{v['ffn']}" + ("-gqa" if v.get("n_kv_head") else ""))
 def test_kernels_and_pytorch_give_the_same_outputs_and_gradients(variant):
     on, off = _pair(**variant)
     idx, tgt, w = _batch()

@@ -261,8 +261,12 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 from components.model.hf import config_from_hf  # noqa: E402
 
 _VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 5000), st.floats(allow_nan=True), st.text(max_size=8),
-                    st.lists(st.integers(0, 3), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
-_KEYS = ["architectures", "model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                    st.lists(st.one_of(st.integers(0, 3), st.text(max_size=3), st.lists(st.integers(), max_size=1)),
+                             max_size=3),
+                    st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=3),
+                                                                   st.dictionaries(st.text(max_size=2), st.integers(),
+                                                                                   max_size=1)), max_size=2))
+_KEYS = ["architectures", "model_type", "rope_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
          "intermediate_size", "num_hidden_layers", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling",
          "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias",
          "hidden_act", "sliding_window", "use_sliding_window", "auto_map"]
@@ -298,3 +302,16 @@ def test_written_folders_are_readable_by_a_server_running_as_another_user(import
         for path in folder.rglob("*"):
             if path.is_file():
                 assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044 & ~mask, path
+
+
+@settings(max_examples=150, deadline=None)
+@given(scaling=st.fixed_dictionaries({}, optional={
+    "rope_type": st.one_of(st.sampled_from(["default", "linear", "llama3", "yarn", "dynamic"]), _VALUES),
+    "type": _VALUES, "factor": _VALUES, "low_freq_factor": _VALUES, "high_freq_factor": _VALUES,
+    "original_max_position_embeddings": _VALUES}))
+def test_any_rope_scaling_is_a_model_config_or_one_named_error(scaling):
+    hf = {**_configs()["llama"].to_dict(), "rope_parameters": None, "rope_scaling": scaling}
+    try:
+        config_from_hf(hf, "config.json")
+    except HFImportError as err:
+        assert str(err).startswith("config.json: ") and "\n" not in str(err)

@@ -14,7 +14,7 @@ from pipelines.params import REPO_PARAMS, load_params, preset_names
 from pipelines.pipeline import LOCAL_PRESET
 
 RUN_FORM = {"preset": ("STRING", "String"), "source_uri": ("STRING", "String"), "source_fields": ("STRUCT", "Dict"),
-            "generate_rows": ("NUMBER_INTEGER", "Integer"),
+            "generate_rows": ("NUMBER_INTEGER", "Integer"), "base_model": ("STRING", "String"),
             **{f"{stage}_{what}": ("NUMBER_INTEGER", "Integer") if what == "steps" else ("NUMBER_DOUBLE", "Float")
                for stage in ("train", "reinforce", "finetune", "distill") for what in ("steps", "lr")},
             "gate_metric": ("STRING", "String"), "gate_min_gain": ("NUMBER_DOUBLE", "Float"),
