@@ -192,7 +192,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_distill(args: argparse.Namespace) -> None:
     from components.compress import distill
 
-    summary = distill.run(_params(args).distill, args.teacher, args.data, args.out, fresh=args.fresh)
+    summary = distill.run(_params(args).distill, args.teacher, args.data, args.out, fresh=args.fresh,
+                          student_dir=args.student)
     _report("distill", summary, Path(args.out))
 
 
@@ -558,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--teacher", required=True, help="the teacher's model folder, e.g. runs/finetune/model")
     dis.add_argument("--data", required=True, help="a split folder (train.jsonl, val.jsonl, test.jsonl)")
     dis.add_argument("--out", required=True, help="the student's folder: checkpoints, metrics, model")
+    dis.add_argument("--student", help="start the student from this model folder (e.g. a smaller imported model "
+                     "with the teacher's tokenizer) instead of pruning the teacher")
     dis.add_argument("--fresh", action="store_true", help="start afresh: remove the folder's earlier checkpoints")
     dis.set_defaults(func=cmd_distill)
     qua = sub.add_parser("quantize", parents=[common], help="INT8 weights and KV cache: a quantized model folder")

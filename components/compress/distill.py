@@ -161,8 +161,11 @@ def teacher_rows(teacher: Transformer, tok, rows: list[dict], max_new_tokens: in
 
 def run(cfg: DistillConfig, teacher_dir: str | os.PathLike, data_dir: str | os.PathLike,
         out_dir: str | os.PathLike, progress: bool = True, fresh: bool = False,
-        eval_rows: int = 200) -> dict[str, Any]:
-    """Distill the teacher model folder into a student at `out_dir` (resumable like a stage)."""
+        eval_rows: int = 200, student_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Distill the teacher model folder into a student at `out_dir` (resumable like a stage).
+    `student_dir`: a model folder to start the student from (another pretrained model, e.g. a
+    smaller one of the teacher's family, imported), instead of pruning the teacher; it must share
+    the teacher's tokenizer, id for id."""
     from components.train.evaluate import EvaluateConfig, evaluate_model, problems
     from components.train.stages import _prepare, _rows, _val_batches
 
@@ -170,12 +173,23 @@ def run(cfg: DistillConfig, teacher_dir: str | os.PathLike, data_dir: str | os.P
     t_cfg, t_state, tok = load_pretrained(teacher_dir)  # bad input is refused before --fresh removes anything
     teacher = Transformer(t_cfg)
     teacher.load_state_dict(t_state)
-    s_cfg = student_config(t_cfg, cfg)
+    if student_dir is not None:
+        s_cfg, s_state, s_tok = load_pretrained(student_dir)
+        probe = "Ann has 3 apples. <|im_end|> 12 + 30 = 42, héllo"
+        if (s_tok.kind, s_tok.vocab_size, s_tok.encode(probe), s_tok.eos_id) != (
+                tok.kind, tok.vocab_size, tok.encode(probe), tok.eos_id) or s_cfg.vocab_size != t_cfg.vocab_size:
+            raise DataError(f"{student_dir}: the student's tokenizer is not the teacher's ({teacher_dir}); "
+                            f"distillation compares their logits id for id")
+    else:
+        s_cfg = student_config(t_cfg, cfg)
     rows = _rows(data_dir, "train.jsonl")
     if not rows:
         raise DataError(f"{data_dir / 'train.jsonl'}: no rows to distill on")
     _prepare(out, (teacher_dir, data_dir), fresh)
-    init = prune_from_teacher(t_cfg, t_state, s_cfg) if cfg.init == "teacher" else None
+    if student_dir is not None:
+        init = s_state
+    else:
+        init = prune_from_teacher(t_cfg, t_state, s_cfg) if cfg.init == "teacher" else None
     rank0 = os.environ.get("RANK", "0") == "0"
     extra = teacher_rows(teacher, tok, rows) if cfg.teacher_data else []
     if rank0 and cfg.teacher_data:

@@ -96,7 +96,7 @@ def split(tmp_path_factory):
     return folder
 
 
-def test_an_imported_model_continues_pretraining_then_lora_finetune_and_grpo(llama, split, tmp_path):
+def test_an_imported_model_through_base_lora_finetune_lora_grpo_and_distillation(llama, split, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -128,6 +128,26 @@ def test_an_imported_model_continues_pretraining_then_lora_finetune_and_grpo(lla
          str(tmp_path / "rl"), "--set", "reinforce.lora_rank=4", "--set", "reinforce.steps=2",
          "--set", "reinforce.max_new_tokens=8")
     assert (tmp_path / "rl/adapter/adapter_model.safetensors").is_file()
+    # distillation into another imported model with the same tokenizer (here a Qwen2), not a pruned teacher
+    make_checkpoint("qwen2", tmp_path / "qwen-hf")
+    import_model(tmp_path / "qwen-hf", tmp_path / "qwen")
+    _cli("distill", "--teacher", str(tmp_path / "rl/model"), "--student", str(tmp_path / "qwen"), "--data",
+         str(split), "--out", str(tmp_path / "distill"), "--set", "distill.steps=2", "--set", "distill.warmup_steps=1",
+         "--set", "distill.eval_every=0")
+    student = json.loads((tmp_path / "distill/model/model.json").read_text())
+    assert student["qkv_bias"] and student["tie_embeddings"]  # the Qwen2 student, trained
+    from components.model import ByteTokenizer, ModelConfig, Transformer
+    from components.model.folder import save_model
+
+    (tmp_path / "native").mkdir()
+    native = ModelConfig(vocab_size=258, n_layer=1, n_head=4, n_embd=64, block_size=64)
+    save_model(tmp_path / "native", Transformer(native).state_dict(), native, ByteTokenizer())
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "distill", "--teacher", str(tmp_path / "rl/model"),
+                           "--student", str(tmp_path / "native"), "--data", str(split), "--out",
+                           str(tmp_path / "bad"), "--preset", "tiny"], env=ENV, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "the student's tokenizer is not the teacher's" in proc.stderr
+    assert not (tmp_path / "bad").exists()
     out = export_hf(tmp_path / "rl/model", tmp_path / "rl-hf")
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     AutoModelForCausalLM.from_pretrained(out)
