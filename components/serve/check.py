@@ -59,10 +59,12 @@ def reference_outputs(model_folder: str | os.PathLike, cfg: CheckConfig) -> dict
 
     from components.model.folder import load_model
 
+    from components.serve.triton_model import text_ids
+
     model, tok = load_model(model_folder)
     texts = []
     for prompt in cfg.prompts:
-        ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
+        ids = torch.tensor([text_ids(tok, prompt)], dtype=torch.long)
         out = model.generate(ids, cfg.max_tokens, temperature=0.0, eos_id=tok.eos_ids)[0, ids.size(1):].tolist()
         texts.append(tok.decode(tok.until_eos(out)))
     score_ids, logps = [], []

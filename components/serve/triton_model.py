@@ -75,6 +75,13 @@ def generate_params(raw: str | dict | None, default_tokens: int, limit: int) -> 
     return max_tokens, float(temperature), seed
 
 
+def text_ids(tok, text: str) -> list[int]:
+    """How the generate model reads a prompt's text: as it is, or, for a model whose tokenizer has a
+    chat template (an imported one), as the user's turn of a chat, as a chat endpoint does. serve.check's
+    in-process reference reads its probes the same way."""
+    return tok.prompt_ids(text) if getattr(tok, "chat_template", None) else tok.encode(text)
+
+
 def prompt_ids(row: object, tok, block_size: int, max_tokens: int) -> list[int]:
     """Token ids of one UTF-8 prompt (bytes), checked to leave room for max_tokens in block_size."""
     if not isinstance(row, (bytes, bytearray, np.bytes_)):
@@ -85,8 +92,7 @@ def prompt_ids(row: object, tok, block_size: int, max_tokens: int) -> list[int]:
         text = bytes(row).decode("utf-8")
     except UnicodeDecodeError as err:
         raise RequestError(f"text_input is not valid UTF-8: {err}") from None
-    # a pretrained model's chat template makes the text the user's turn (as a chat endpoint does)
-    ids = tok.prompt_ids(text) if getattr(tok, "chat_template", None) else tok.encode(text)
+    ids = text_ids(tok, text)
     if not ids:
         raise RequestError("text_input is empty (the model needs at least one prompt token)")
     if len(ids) + max_tokens > block_size:

@@ -315,3 +315,21 @@ def test_any_rope_scaling_is_a_model_config_or_one_named_error(scaling):
         config_from_hf(hf, "config.json")
     except HFImportError as err:
         assert str(err).startswith("config.json: ") and "\n" not in str(err)
+
+
+def test_the_generate_model_and_serve_checks_reference_read_a_chat_model_the_same_way(imported, tmp_path):
+    """Triton's generate model makes a chat model's text the user's turn; serve.check's in-process
+    reference must read its probes the same way, or a real chat model could never pass the check."""
+    from components.serve.check import reference_outputs
+    from components.serve.config import CheckConfig
+    from components.serve.triton_model import generate_batch, prompt_ids, text_ids
+
+    family, tmp, _ = imported
+    if family != "llama":
+        pytest.skip("one family is enough")
+    model, tok = load_model(tmp / "ours")
+    prompt = "What is 2 + 3?"
+    assert text_ids(tok, prompt) == tok.prompt_ids(prompt) != tok.encode(prompt)  # the chat template applies
+    ref = reference_outputs(tmp / "ours", CheckConfig(prompts=[prompt], max_tokens=12))
+    served = generate_batch(model, tok, [prompt_ids(prompt.encode(), tok, model.cfg.block_size, 12)], [12], 0.0, None)
+    assert ref["generate"] == served
