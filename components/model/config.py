@@ -14,6 +14,8 @@ ATTENTIONS = ("dense", "hybrid")
 KERNELS = ("auto", "triton", "torch")
 FFNS = ("dense", "moe")
 ROPE_TYPES = ("default", "linear", "llama3")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The linears LoRA can adapt, by their Hugging Face Llama names (components/model/lora.py)."""
 
 
 @dataclass

@@ -346,7 +346,7 @@ GGUF_NAMES = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "
               "ffn_down.weight": "mlp.down_proj.weight"}
 
 
-def read_gguf(path: Path, max_seq_len: int = MAX_SEQ_LEN) -> tuple[dict, dict[str, torch.Tensor], HFTokenizer]:
+def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], HFTokenizer]:
     """(Hugging Face config dict, Hugging Face tensors in fp32, tokenizer) of a llama or qwen2 GGUF
     file, its quantized tensors dequantized with the `gguf` package."""
     import numpy as np
@@ -476,8 +476,8 @@ def read_checkpoint(src: str | os.PathLike, max_seq_len: int = MAX_SEQ_LEN) -> t
     if src.is_file():
         if src.suffix != ".gguf":
             raise HFImportError(f"{src}: give a Hugging Face model folder or a .gguf file")
-        hf, tensors, tok = read_gguf(src, max_seq_len)
-        tok._files["config.json"] = json.dumps(hf, indent=2)
+        hf, tensors, tok = read_gguf(src)
+        tok.keep_file("config.json", json.dumps(hf, indent=2))
         cfg = config_from_hf(hf, str(src), max_seq_len)
         expected = hf_names(cfg)
         for key, shape in expected.items():
@@ -535,8 +535,8 @@ def export_hf(model_folder: str | os.PathLike, out: str | os.PathLike, dtype: st
     folder = Path(model_folder)
     model, tok = load_model(folder)
     original = None
-    if isinstance(tok, HFTokenizer) and "config.json" in tok._files:  # an imported model's own config
-        original = json.loads(tok._files["config.json"])
+    if isinstance(tok, HFTokenizer) and tok.file("config.json"):  # an imported model's own config
+        original = json.loads(tok.file("config.json"))
     dtype = dtype or (original or {}).get("torch_dtype") or (original or {}).get("dtype") or "float32"
     if dtype not in DTYPES:
         raise ModelFolderError(f"{folder}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")

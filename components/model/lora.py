@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from components.model.config import LORA_TARGETS as TARGETS
 from components.model.model import MoE, Transformer
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # our module (inside blocks.i) -> the Hugging Face names of its output parts
 _MODULES = {"attn.c_attn": ("q_proj", "k_proj", "v_proj"), "attn.c_proj": ("o_proj",),
             "ffn.w_gate": ("gate_proj",), "ffn.w_up": ("up_proj",), "ffn.c_proj": ("down_proj",)}
@@ -62,13 +62,6 @@ class LoRALinear(nn.Linear):
         if at < self.out_features:
             pieces.append(y.new_zeros(*y.shape[:-1], self.out_features - at))
         return y + torch.cat(pieces, dim=-1)
-
-    def delta(self) -> torch.Tensor:
-        """alpha/r * B A for each part, placed in a zero (out, in) matrix."""
-        out = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.weight.device)
-        for (_, start, rows), a, b in zip(self.parts, self.lora_A, self.lora_B):
-            out[start:start + rows] = (b.float() @ a.float()) * self.scale
-        return out
 
 
 def parse_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:

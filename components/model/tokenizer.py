@@ -188,8 +188,7 @@ class HFTokenizer(Tokenizer):
 
     kind = "hf"
 
-    def __init__(self, tokenizer: HFTokenizerLib, config: dict, generation: dict | None = None,
-                 model_vocab: int | None = None):
+    def __init__(self, tokenizer: HFTokenizerLib, config: dict, generation: dict | None = None):
         self._tok, self.config = tokenizer, config
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.chat_template = _template(config.get("chat_template"))
@@ -247,6 +246,16 @@ class HFTokenizer(Tokenizer):
         folder = super().save(folder)
         self.save_hf(folder)
         return folder
+
+    def file(self, name: str) -> str | None:
+        """The text of one of the checkpoint's files kept with the tokenizer (HF_FILES), if present."""
+        return self._files.get(name)
+
+    def keep_file(self, name: str, text: str) -> None:
+        """Keep one more of the checkpoint's files (HF_FILES) with the tokenizer, saved with it."""
+        if name not in HF_FILES:
+            raise ValueError(f"{name}: not one of the files a tokenizer keeps ({', '.join(HF_FILES)})")
+        self._files[name] = text
 
     def save_hf(self, folder: str | Path) -> None:
         """The Hugging Face files only (tokenizer.json, tokenizer_config.json, ...), as they were read."""

@@ -255,10 +255,11 @@ class FinetuneConfig:
 
 
 def _check_targets(targets: str) -> None:
+    from components.model.config import LORA_TARGETS
+
     names = [t.strip() for t in targets.split(",") if t.strip()]
-    known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # components/model/lora.py
-    bad = [t for t in names if t not in known]
-    require(bool(names) and not bad, f"lora_targets: {', '.join(bad) or 'empty'} not among {', '.join(known)}")
+    bad = [t for t in names if t not in LORA_TARGETS]
+    require(bool(names) and not bad, f"lora_targets: {', '.join(bad) or 'empty'} not among {', '.join(LORA_TARGETS)}")
 
 
 def engine_config(stage) -> TrainConfig:
