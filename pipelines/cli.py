@@ -164,16 +164,21 @@ def cmd_generate_text(args: argparse.Namespace) -> None:
 
 
 def cmd_model(args: argparse.Namespace) -> None:
+    import shlex
+
     from components.model import hf
+    from pipelines.local import invocation, shown
 
     if args.model_command == "import":
         out = hf.import_model(args.source, args.out, args.max_seq_len)
         manifest = json.loads((out / "manifest.json").read_text())
         print(f"model import: {manifest['architecture']}, {manifest['parameters'] / 1e6:.1f}M parameters")
-        print(f"model import: wrote {out} (try: distillery generate --checkpoint {out} --prompt \"What is 2+3?\")")
+        print(f"model import: wrote {shown(out)}; try: {invocation()} generate --checkpoint "
+              f"{shlex.quote(shown(out))} --prompt 'What is 12 + 30?'")
     else:
         out = hf.export_hf(args.model, args.out, args.dtype, int(args.shard_mb * 1024 * 1024))
-        print(f"model export-hf: wrote {out} (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+        print(f"model export-hf: wrote {shown(out)} (transformers: AutoModelForCausalLM.from_pretrained"
+              f"({str(shown(out))!r}); vLLM: vllm serve {shlex.quote(shown(out))})")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -44,8 +44,9 @@ def load_pretrained(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, t
                                f"folder (quantize the result instead)")
     for name in ("model.json", "model.safetensors", "tokenizer"):
         if not (folder / name).exists():
-            raise ModelFolderError(f"{folder}: not a model folder (no {name}); give a stage's model/ output, "
-                                   f"e.g. runs/base/model")
+            hint = (f"a Hugging Face folder: import it first, distillery model import {folder} --out DIR"
+                    if (folder / "config.json").is_file() else "give a stage's model/ output, e.g. runs/base/model")
+            raise ModelFolderError(f"{folder}: not a model folder (no {name}); {hint}")
     try:
         cfg = from_dict(ModelConfig, json.loads((folder / "model.json").read_text(encoding="utf-8")), "model.json")
     except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as err:

@@ -489,7 +489,9 @@ def read_checkpoint(src: str | os.PathLike, max_seq_len: int = MAX_SEQ_LEN) -> t
         return cfg, hf_to_state(tensors, cfg), tok, hf
     config_path = src / "config.json"
     if not config_path.is_file():
-        raise HFImportError(f"{src}: not a Hugging Face model folder (no config.json)")
+        hint = "; it is a distillery model folder already: every stage takes it as it is" \
+            if (src / "model.json").is_file() else ""
+        raise HFImportError(f"{src}: not a Hugging Face model folder (no config.json){hint}")
     try:
         hf = json.loads(config_path.read_text(encoding="utf-8"))
         assert isinstance(hf, dict)
