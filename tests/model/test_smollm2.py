@@ -58,17 +58,18 @@ def test_logits_match_transformers_own_gguf_load(smol, reference):
     ids = torch.tensor([tok.prompt_ids("Natalia sold clips to 48 of her friends in April. How many?")])
     with torch.no_grad():
         ours, theirs = model(ids)[0], ref(ids).logits
-    assert float((ours - theirs).abs().max()) < 1e-3 * float(theirs.abs().max())
+    assert float((ours - theirs).abs().max()) < 5e-4  # measured 6.6e-5, logits up to 38 (fp32, 30 layers)
     assert torch.equal(ours[0].argmax(-1), theirs[0].argmax(-1))
 
 
 def test_tokenizer_and_chat_template_match_transformers_on_gsm8k(smol, reference, shared_data):
-    """Equal ids on 100 GSM8K questions, but for one documented difference: the file says
-    tokenizer.ggml.pre = "smollm", which llama.cpp (and SmolLM2's own tokenizer.json) pre-tokenize
-    with every digit its own piece ("\\p{N}" first), so " 2" is " " then "2"; transformers' GGUF
-    converter (5.24) has no entry for "smollm" and keeps GPT-2's " ?\\p{N}+" (" 2" one piece).
-    Ours follows the file. With transformers' pre-tokenizer set to the file's rule, every id is equal;
-    as transformers ships it, the questions without a digit after a space are equal."""
+    """Equal ids on 100 GSM8K questions but where a run of two or more spaces precedes a digit (1 of
+    the 100: "and  2/5"). The file says tokenizer.ggml.pre = "smollm", which llama.cpp (and
+    SmolLM2's own tokenizer.json) pre-tokenize digits first, each its own piece, so "  2" is "  " then
+    "2"; transformers' GGUF converter (5.24) has no entry for "smollm" and keeps GPT-2's split, where
+    "\\s+(?!\\S)" leaves " " and " 2", so "  2" becomes " ", " ", "2". Ours follows the file (and the
+    model agrees: 0.630 nats per character on that question against 0.638). With transformers'
+    pre-tokenizer set to the file's rule, every id is equal."""
     from tokenizers import pre_tokenizers
 
     _, _, _, tok = smol
@@ -77,19 +78,20 @@ def test_tokenizer_and_chat_template_match_transformers_on_gsm8k(smol, reference
     as_shipped = [ref_tok(r["question"], add_special_tokens=False).input_ids for r in rows]
     ref_tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    plain = 0
+    differ = 0
     for row, shipped in zip(rows, as_shipped):
         q = row["question"]
         assert tok.encode(q) == ref_tok(q, add_special_tokens=False).input_ids, q
-        if not re.search(r"\s\d", q):
-            plain += 1
+        if re.search(r"\s{2,}\d", q):
+            differ += tok.encode(q) != shipped
+        else:
             assert tok.encode(q) == shipped, q
         assert tok.decode(tok.encode(q)) == q
         messages = [{"role": "user", "content": q}]
         text = ref_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert tok.chat(messages) == text
         assert tok.prompt_ids(q) == ref_tok(text, add_special_tokens=False).input_ids
-    assert plain >= 1  # the comparison as shipped did run (3 of the first 100 have no digit after a space)
+    assert differ <= 2  # measured: 1
 
 
 def test_greedy_answer_stops_at_the_models_own_eos(smol):
