@@ -114,8 +114,9 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
                            train_cfg.seed + 1, tok.pad_id) if val_rows else None
     if init is None and model_cfg.vocab_size != tok.vocab_size:
         model_cfg = ModelConfig(**{**model_cfg.__dict__, "vocab_size": tok.vocab_size})
-    summary = train(model_cfg, train_cfg, train_b, val_b, tok, out, progress=progress, init=init,
-                    stage={"name": "base", "init": str(init_dir)} if init is not None else None)
+    # the starting weights join the run's fingerprint by content, not by path: a retried pod imports
+    # the base model into a new temporary folder and must still resume
+    summary = train(model_cfg, train_cfg, train_b, val_b, tok, out, progress=progress, init=init)
     if torch.distributed.get_rank() == 0:
         inputs = {"text": text} if text is not None else {"train": Path(data_dir) / "train.jsonl"}
         if init_dir is not None:

@@ -104,6 +104,15 @@ def test_an_imported_model_through_base_lora_finetune_lora_grpo_and_distillation
     _cli("train", "--stage", "base", "--init", str(tmp / "ours"), "--data", str(split), "--out",
          str(tmp_path / "base"), "--set", "train.steps=3", "--set", "train.warmup_steps=1",
          "--set", "model.block_size=48")
+    # the same run with the base model at another path (a retried pod imports it into a new temporary
+    # folder) resumes: the starting weights are matched by content
+    import shutil
+
+    shutil.copytree(tmp / "ours", tmp_path / "ours-elsewhere")
+    again = _cli("train", "--stage", "base", "--init", str(tmp_path / "ours-elsewhere"), "--data", str(split),
+                 "--out", str(tmp_path / "base"), "--set", "train.steps=3", "--set", "train.warmup_steps=1",
+                 "--set", "model.block_size=48")
+    assert "resuming from" in again.stderr
     base_cfg = json.loads((tmp_path / "base/model/model.json").read_text())
     assert base_cfg["n_kv_head"] == 2 and base_cfg["rope_type"] == "llama3"  # the imported architecture
     _cli("train", "--stage", "finetune", "--init", str(tmp_path / "base/model"), "--data", str(split), "--out",
