@@ -284,7 +284,9 @@ class EvaluateConfig:
     """What precedes the final answer."""
     samples: int = 8
     """pass@1 as DeepSeek-R1 reports it: the mean accuracy of this many sampled completions per
-    problem at `temperature` (0: greedy accuracy only)."""
+    problem at `temperature`; with more than one, also pass@k for k = samples (the unbiased
+    estimator: does reinforcement have headroom, what the model can sample but does not answer
+    first?). 0: greedy accuracy only."""
     temperature: float = 0.6
     """Sampling temperature of the pass@1 completions."""
     seed: int = 0

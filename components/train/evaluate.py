@@ -87,11 +87,13 @@ def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int
                     sampled[chunk[j // k]].append(tok.decode(tok.until_eos(row)))
             bar.update(len(chunk))
     bar.close()
-    pass1 = 0.0
+    pass1 = passk = 0.0
     for i, r in enumerate(rows):
         ref = reference_answer(r, cfg.answer_marker)
         if k:
-            pass1 += sum(accuracy_reward(t, ref, cfg.answer_marker) for t in sampled[i]) / k
+            right = sum(accuracy_reward(t, ref, cfg.answer_marker) for t in sampled[i])
+            pass1 += right / k
+            passk += pass_at_k(k, int(right), k)
         text = completions[i]
         acc, fmt = accuracy_reward(text, ref, cfg.answer_marker), format_reward(text, cfg.answer_marker)
         correct += acc
@@ -104,9 +106,24 @@ def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int
             nll -= float(resp.sum())
             count += resp.numel()
     n = len(rows)
-    result = {"accuracy": correct / n, **({"pass1": pass1 / n} if k else {}), "format": formatted / n,
+    sampled_metrics = {"pass1": pass1 / n, **({f"pass{k}": passk / n} if k > 1 else {})} if k else {}
+    result = {"accuracy": correct / n, **sampled_metrics, "format": formatted / n,
               "perplexity": math.exp(nll / count) if count else float("nan"), "rows": n}
     return result, answers
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021,
+    "Evaluating Large Language Models Trained on Code"): the chance that k of the n, drawn without
+    replacement, hold at least one correct, 1 - C(n-c, k) / C(n, k), as a stable product."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c ({c}) <= n ({n}) and 1 <= k ({k}) <= n")
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
 
 
 def run(cfg: EvaluateConfig, stages: dict[str, str | os.PathLike], data: str | os.PathLike,
@@ -122,6 +139,8 @@ def run(cfg: EvaluateConfig, stages: dict[str, str | os.PathLike], data: str | o
         results[name], answers = evaluate_model(model, tok, rows, cfg, desc=f"evaluate {name}")
         completions += [{"stage": name, **a} for a in answers]
         pass1 = f", pass@1 {results[name]['pass1']:.3f}" if "pass1" in results[name] else ""
+        passk = [key for key in results[name] if key.startswith("pass") and key != "pass1"]
+        pass1 += "".join(f", pass@{key[4:]} {results[name][key]:.3f}" for key in passk)
         log.info(f"evaluate: {name}: accuracy {results[name]['accuracy']:.3f}{pass1}, format {results[name]['format']:.3f}, "
               f"perplexity {results[name]['perplexity']:.3f} on {len(rows)} problems")
     metrics = {f"{name}_{k}": v for name, r in results.items() for k, v in r.items() if k != "rows"}
@@ -139,11 +158,14 @@ def run(cfg: EvaluateConfig, stages: dict[str, str | os.PathLike], data: str | o
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| stage | accuracy (greedy) | pass@1 (sampled) | format | perplexity (responses) | problems |",
-             "|---|---|---|---|---|---|"]
+    k = next((key[4:] for r in results.values() for key in r if key.startswith("pass") and key != "pass1"), "k")
+    lines = [f"| stage | accuracy (greedy) | pass@1 (sampled) | pass@{k} | format | perplexity (responses) | problems |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         pass1 = f"{r['pass1']:.3f}" if "pass1" in r else "-"
-        lines.append(f"| {name} | {r['accuracy']:.3f} | {pass1} | {r['format']:.3f} | {r['perplexity']:.3f} | {r['rows']} |")
+        passk = f"{r[f'pass{k}']:.3f}" if f"pass{k}" in r else "-"
+        lines.append(f"| {name} | {r['accuracy']:.3f} | {pass1} | {passk} | {r['format']:.3f} | {r['perplexity']:.3f} "
+                     f"| {r['rows']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,11 +178,13 @@ def plot(results: dict[str, dict], png: Path) -> None:
     names = list(results)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
     x = range(len(names))
-    bars = ["accuracy", *(["pass1"] if all("pass1" in results[n] for n in names) else []), "format"]
+    sampled = [key for key in results[names[0]] if key.startswith("pass")]
+    bars = ["accuracy", *[key for key in sampled if all(key in results[n] for n in names)], "format"]
     w = 0.8 / len(bars)
     for j, key in enumerate(bars):
         a.bar([i + (j - (len(bars) - 1) / 2) * w for i in x], [results[n][key] for n in names], w,
-              label={"accuracy": "accuracy (greedy)", "pass1": "pass@1 (sampled)"}.get(key, key))
+              label={"accuracy": "accuracy (greedy)", "pass1": "pass@1 (sampled)"}.get(
+                  key, f"pass@{key[4:]}" if key.startswith("pass") else key))
     a.set_xticks(list(x), names)
     a.set_ylim(0, 1)
     a.set_title("held-out problems")

@@ -77,3 +77,34 @@ def test_every_integer_round_trips_with_and_without_thousands_separators(n):
     assert parse_answer(str(n)) == n
     assert parse_answer(f"{n:,}") == n
     assert accuracy_reward(f"reasoning\n#### {n:,}", str(n)) == 1.0
+
+
+# ---- pass@k (components/train/evaluate.py) -------------------------------------------------------
+
+from itertools import combinations  # noqa: E402
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from components.train.evaluate import pass_at_k  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 9), data=st.data())
+def test_pass_at_k_is_the_chance_that_k_of_n_samples_hold_a_correct_one(n, data):
+    c = data.draw(st.integers(0, n))
+    k = data.draw(st.integers(1, n))
+    samples = [True] * c + [False] * (n - c)
+    draws = list(combinations(range(n), k))
+    exact = sum(any(samples[i] for i in d) for d in draws) / len(draws)
+    assert abs(pass_at_k(n, c, k) - exact) < 1e-12
+    assert abs(pass_at_k(n, c, 1) - c / n) < 1e-12
+    if k < n:
+        assert pass_at_k(n, c, k) <= pass_at_k(n, c, k + 1) + 1e-12
+
+
+def test_pass_at_k_refuses_impossible_counts():
+    import pytest
+
+    for n, c, k in ((4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)):
+        with pytest.raises(ValueError, match="pass_at_k"):
+            pass_at_k(n, c, k)

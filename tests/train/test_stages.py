@@ -147,7 +147,7 @@ def test_grpo_runs_on_two_processes_and_logs_their_mean(trained):
     assert read_state(root / "rl2/checkpoints" / latest)["world_size"] == 2
 
 
-def test_pass_at_1_samples_each_problem_k_times_and_near_zero_temperature_is_greedy(trained):
+def test_pass_at_1_and_k_sample_each_problem_k_times_and_near_zero_temperature_is_greedy(trained):
     from components.train.config import EvaluateConfig
     from components.train.evaluate import evaluate_model, problems
     from components.model.folder import load_model
@@ -156,9 +156,10 @@ def test_pass_at_1_samples_each_problem_k_times_and_near_zero_temperature_is_gre
     rows = problems(trained / "split", EvaluateConfig(max_rows=12))
     cold, answers = evaluate_model(model, tok, rows, EvaluateConfig(samples=3, temperature=1e-6), batch=5)
     assert all(a["samples"] == [a["completion"]] * 3 for a in answers)  # each row's own samples, in order
-    assert cold["pass1"] == cold["accuracy"]
+    assert cold["pass1"] == cold["pass3"] == cold["accuracy"]  # every sample the greedy answer
     warm, answers = evaluate_model(model, tok, rows, EvaluateConfig(samples=3, temperature=1.0), batch=5)
-    assert all(len(a["samples"]) == 3 for a in answers) and 0 <= warm["pass1"] <= 1
+    assert all(len(a["samples"]) == 3 for a in answers) and 0 <= warm["pass1"] <= warm["pass3"] <= 1
     assert any(len(set(a["samples"])) > 1 for a in answers)
     none, answers = evaluate_model(model, tok, rows, EvaluateConfig(samples=0), batch=5)
-    assert "pass1" not in none and "samples" not in answers[0] and none["accuracy"] == cold["accuracy"]
+    assert "pass1" not in none and "pass3" not in none and "samples" not in answers[0]
+    assert none["accuracy"] == cold["accuracy"]
