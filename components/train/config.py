@@ -137,6 +137,9 @@ class ReinforceConfig:
     """epsilon of the clipped ratio: min(r A, clip(r, 1-eps, 1+eps) A)."""
     kl_coef: float = 0.04
     """beta: weight of the KL penalty to the reference model (unbiased k3 estimator) in the loss."""
+    scale_advantages: bool = True
+    """Advantages (r - group mean) / group std, as GRPO was published; false: r - group mean only
+    (Dr. GRPO and nanochat's chat_rl: dividing by the std weights groups that barely differ most)."""
     loss_norm: str = "sequence"
     """sequence: each completion's loss is the mean over its tokens (GRPO as published); token:
     the mean over all tokens of the group (DAPO), see components/train/grpo.py."""

@@ -38,12 +38,12 @@ from components.train.rewards import accuracy_reward, format_reward, parse_answe
 
 # ---- the math ------------------------------------------------------------------------------
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """(r - mean) / (std + eps) over the last dimension (one group per row); zero for a group
-    whose rewards are all equal."""
-    mean = rewards.mean(dim=-1, keepdim=True)
-    std = rewards.std(dim=-1, keepdim=True, unbiased=False)
-    return (rewards - mean) / (std + eps)
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """(r - mean) / (std + eps) over the last dimension (one group per row), or r - mean without
+    `scale` (Dr. GRPO, nanochat: the std division favours groups that barely differ); zero for a
+    group whose rewards are all equal."""
+    centred = rewards - rewards.mean(dim=-1, keepdim=True)
+    return centred / (rewards.std(dim=-1, keepdim=True, unbiased=False) + eps) if scale else centred
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -194,7 +194,7 @@ class GRPO:
             s, m = seq[rows, :P + T], mask[rows, :T]
             texts = [self.tok.decode(c[k.bool()].tolist()) for c, k in zip(s[:, P:], m)]
             total, acc, fmt = self.rewards(texts, prompt.reference)
-            self.batch.append(Rollout(s, P, m, group_advantages(total), None, None))
+            self.batch.append(Rollout(s, P, m, group_advantages(total, scale=cfg.scale_advantages), None, None))
             totals.append(total)
             accs.append(acc)
             fmts.append(fmt)
@@ -203,12 +203,13 @@ class GRPO:
             r.old_logp = token_logprobs(model, r.seq, P).float()
             r.ref_logp = token_logprobs(self.reference, r.seq, P).float()
         model.train()
+        flat = torch.tensor([float(bool((t == t[0]).all())) for t in totals]).mean()  # groups with no signal
         means = torch.stack([torch.cat(totals).mean(), torch.cat(accs).mean(), torch.cat(fmts).mean(),
-                             mask.sum(dim=1).float().mean()]).float()
+                             mask.sum(dim=1).float().mean(), flat]).float()
         if world > 1:  # every rank samples its own prompts: log the mean over all of them
             torch.distributed.all_reduce(means)
             means /= world
-        self.batch_stats = {**dict(zip(("reward", "accuracy", "format", "length"), means.tolist())),
+        self.batch_stats = {**dict(zip(("reward", "accuracy", "format", "length", "flat_groups"), means.tolist())),
                             "time_generate": t1 - t0, "time_score": t2 - t1}
 
     def step(self, engine, step: int, rank: int, world: int) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: s
     val = _val_batches(_rows(data_dir, "val.jsonl"), tok, model_cfg.block_size, 8, cfg.seed)
     summary = train(model_cfg, train_cfg, objective, val, tok, out, progress=progress, init=state,
                     freeze=_lora(cfg), stage={"name": "reinforce", **asdict(cfg)}, adapter_base=str(init_dir))
-    summary.update(_tail_means(out / "metrics.jsonl", ("reward", "accuracy", "format", "kl", "length")))
+    summary.update(_tail_means(out / "metrics.jsonl", ("reward", "accuracy", "format", "kl", "length", "flat_groups")))
     if torch.distributed.get_rank() == 0:
         plot_rewards(out / "metrics.jsonl", out / "rewards.png")
         finish(out, "train.reinforce", {"init": Path(init_dir) / "model.safetensors",

@@ -29,6 +29,14 @@ def test_advantages_have_zero_mean_per_group(groups):
 
 def test_equal_rewards_give_zero_advantage():
     assert torch.equal(group_advantages(torch.ones(2, 4)), torch.zeros(2, 4))
+    assert torch.equal(group_advantages(torch.ones(2, 4), scale=False), torch.zeros(2, 4))
+
+
+@given(st.lists(st.floats(0, 2, allow_nan=False), min_size=2, max_size=8))
+@settings(max_examples=60, deadline=None)
+def test_unscaled_advantages_are_rewards_minus_the_group_mean(rewards):
+    r = torch.tensor([rewards], dtype=torch.float64)
+    assert torch.allclose(group_advantages(r, scale=False), r - r.mean(), atol=1e-12)
 
 
 def test_kl_is_zero_when_policy_equals_reference_and_positive_otherwise():

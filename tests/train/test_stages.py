@@ -46,6 +46,7 @@ def test_reinforce_with_growth_then_finetune_then_evaluate_and_generate(trained)
     assert [r["resampled"] for r in rows] == [True, False, True, False]  # updates_per_batch 2
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["format"] <= 1 and r["kl"] >= 0 and r["length"] > 0
+        assert 0 <= r["flat_groups"] <= 1  # the share of groups whose rewards were all equal (no gradient)
     assert rows[0]["kl"] == 0.0  # the first update: policy == reference
     assert (root / "rl/rewards.png").stat().st_size > 0
     rl_cfg = json.loads((root / "rl/model/model.json").read_text())
