@@ -1,14 +1,23 @@
-"""The staged chain, measured: does the reinforcement stage beat the base checkpoint, by more
-than seed-to-seed spread? And where does a GRPO step spend its time?
+"""Does reinforcement beat its starting checkpoint? A controlled comparison, 3 seeds, one run.
 
-    .venv/bin/python benchmarks/stages.py                 # 3 seeds, the small preset (about 20 min on 2 cores)
-    .venv/bin/python benchmarks/stages.py --seeds 0 1 --reinforce-steps 40   # shorter
+    .venv/bin/python benchmarks/stages.py                      # 3 seeds, the small preset (~1.5 h on 2 cores)
+    .venv/bin/python benchmarks/stages.py --seeds 0 --heldout 300 --set reinforce.steps=20   # a quick look
 
-For each seed: the small preset's data steps once (shared), then base -> reinforce -> finetune
-with that seed for training and sampling, then `evaluate` on the held-out test problems.
-Prints per seed and as mean +- spread (max - min) over seeds: held-out accuracy (greedy),
-pass@1 (sampled, as DeepSeek-R1 reports it), format rate, perplexity of reference responses,
-and the GRPO step time split into generation, scoring and update.
+The small preset's data steps run once (generate, validate, filter, split). For each seed, with
+that seed for training and sampling:
+- base: the base stage;
+- reinforce: GRPO from the base, as params say (the recipe the pipeline runs);
+- random reward: the same GRPO, the accuracy reward replaced by a fair coin (reinforce.reward=random):
+  whatever it gains is not the verifier's doing;
+- continued SFT: supervised training from the base on the same prompts (the ones the GRPO run
+  selected, with their reference solutions), as many optimizer steps as GRPO took, every block
+  trained, at the fine-tune stage's learning rate: whatever it gains is just more training.
+All four are evaluated on one held-out set of `--heldout` problems generated for it whose operand
+combinations (the story's numbers, in order) never occur in the training split, so answering
+them takes arithmetic, not recall: greedy accuracy, pass@1 and pass@k (k = evaluate.samples,
+sampled at evaluate.temperature). GRPO is compared with each other arm problem by problem on greedy
+answers: an exact McNemar test (components/train/evaluate.py). The goal it prints: GRPO beats the
+base by at least 5 points of greedy accuracy with p < 0.01 on every seed, and beats both controls.
 """
 
 from __future__ import annotations
@@ -16,97 +25,185 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections import Counter
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+ARMS = ("base", "reinforce", "random_reward", "continued_sft")
+GOAL_GAIN, GOAL_P = 0.05, 0.01
 
 
-def cli(*args: str) -> None:
+def cli(*args: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=ENV, cwd=REPO,
                           capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"failed: distillery {' '.join(args)}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+MARK = re.compile(r"<<(-?\d+)([-+*/])(-?\d+)=(-?\d+)>>")
+
+
+def first_error(completion: str, reference: str, facts: set) -> str:
+    """Where a wrong worked answer first goes wrong, against the reference's steps: `misread`
+    (a step's operands or operation are not the story's: a number copied wrong, a previous result
+    not carried, or another problem's steps recalled), `arithmetic, seen fact` / `unseen fact`
+    (right operands, wrong result; the fact `a op b` does or does not occur in the training
+    solutions), or `answer line` (every step right, the final line not)."""
+    want, got = MARK.findall(reference), MARK.findall(completion)
+    for i, (a, op, b, value) in enumerate(got):
+        if i >= len(want) or (a, op, b) != want[i][:3]:
+            return "misread"
+        if value != want[i][3]:
+            return f"arithmetic, {'seen' if (int(a), op, int(b)) in facts else 'unseen'} fact"
+    return "misread" if len(got) < len(want) else "answer line"
 
 
 def main() -> None:
+    from components.data.generate import unseen_problems
+    from components.train.evaluate import mcnemar
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--reinforce-steps", type=int, default=0, help="override reinforce.steps (0: the preset's)")
+    parser.add_argument("--heldout", type=int, default=1000, help="held-out problems with unseen operands")
     parser.add_argument("--keep", help="keep the runs in this folder instead of a temporary one")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a parameter override for every command, e.g. --set train.steps=1500")
+                        help="a parameter override for every command, e.g. --set reinforce.steps=40")
     args = parser.parse_args()
+    t_start = time.monotonic()
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="distillery-stages-"))
     root.mkdir(parents=True, exist_ok=True)
     p = ("--preset", args.preset, *(x for kv in args.set for x in ("--set", kv)))
+    params = yaml.safe_load(cli("params", *p))
+    gen, rl = params["generate"], params["reinforce"]
+
     cli("data", "generate", "--out", str(root / "raw.jsonl"), *p)
     cli("validate", str(root / "raw.jsonl"), "--out", str(root / "validated"), *p)
     cli("filter", str(root / "validated/clean.jsonl"), "--out", str(root / "filtered"), *p)
     cli("split", str(root / "filtered/kept.jsonl"), "--out", str(root / "split"), *p)
-    results, timing = {}, {}
+    train_rows = jsonl(root / "split/train.jsonl")
+    held = unseen_problems(args.heldout, [r.get("prompt") or "" for r in train_rows], 1_000_003,
+                           gen["max_ops"], gen["max_number"])
+    write_jsonl(root / "heldout.jsonl", held)
+    print(f"data: {len(train_rows)} training rows; {len(held)} held-out problems whose operand combinations "
+          f"never occur in them", flush=True)
+
+    facts = {(int(a), op, int(b)) for r in train_rows for a, op, b, _ in MARK.findall(r.get("response") or "")}
+    reference = {r["id"]: r["response"] for r in held}
+    results, correct, diag, errors = {}, {}, {}, {}
     for seed in args.seeds:
         s = root / f"seed{seed}"
-        over = ["--set", f"train.seed={seed}"]
-        cli("train", "--stage", "base", "--data", str(root / "split"), "--out", str(s / "base"), *p, *over)
-        rl_over = ["--set", f"reinforce.seed={seed}"]
-        if args.reinforce_steps:
-            rl_over += ["--set", f"reinforce.steps={args.reinforce_steps}"]
+        t0 = time.monotonic()
+        cli("train", "--stage", "base", "--data", str(root / "split"), "--out", str(s / "base"), *p,
+            "--set", f"train.seed={seed}")
+        rl_set = ("--set", f"reinforce.seed={seed}")
         cli("train", "--stage", "reinforce", "--init", str(s / "base/model"), "--data", str(root / "split"),
-            "--out", str(s / "reinforce"), *p, *rl_over)
-        cli("train", "--stage", "finetune", "--init", str(s / "reinforce/model"), "--data", str(root / "split"),
-            "--out", str(s / "finetune"), *p, "--set", f"finetune.seed={seed}")
-        cli("evaluate", *(f"--checkpoint={n}={s / n / 'model'}" for n in ("base", "reinforce", "finetune")),
-            "--data", str(root / "split"), "--out", str(s / "evaluate"), *p)
+            "--out", str(s / "reinforce"), *p, *rl_set)
+        # the controls' data: the prompts GRPO trained on (its selection, if it selected), same val rows
+        same = s / "selected_split"
+        same.mkdir(parents=True, exist_ok=True)
+        selection = s / "reinforce/selection.json"
+        kept = ({r["id"] for r in json.loads(selection.read_text())["rows"] if r["kept"]}
+                if selection.is_file() else None)
+        write_jsonl(same / "train.jsonl", [r for r in train_rows if kept is None or r.get("id") in kept])
+        (same / "val.jsonl").write_text((root / "split/val.jsonl").read_text())
+        cli("train", "--stage", "reinforce", "--init", str(s / "base/model"), "--data", str(same),
+            "--out", str(s / "random_reward"), *p, *rl_set, "--set", "reinforce.reward=random",
+            "--set", "reinforce.select_samples=0")  # the same prompts, selected already
+        cli("train", "--stage", "finetune", "--init", str(s / "base/model"), "--data", str(same),
+            "--out", str(s / "continued_sft"), *p, "--set", f"finetune.seed={seed}",
+            "--set", f"finetune.steps={rl['steps']}", "--set", f"finetune.micro_batch={rl['prompts_per_step']}",
+            "--set", "finetune.train_top_layers=0", "--set", f"finetune.checkpoint_every={rl['steps']}",
+            "--set", f"finetune.eval_every={rl['steps']}", "--set", f"finetune.warmup_steps={min(10, rl['steps'] - 1)}")
+        cli("evaluate", *(f"--checkpoint={a}={s / a / 'model'}" for a in ARMS), "--data", str(root / "heldout.jsonl"),
+            "--out", str(s / "evaluate"), *p, "--set", "evaluate.max_rows=0")
         results[seed] = json.loads((s / "evaluate/metrics.json").read_text())
-        rows = [json.loads(line) for line in (s / "reinforce/metrics.jsonl").read_text().splitlines()]
+        for c in jsonl(s / "evaluate/completions.jsonl"):
+            correct.setdefault(seed, {}).setdefault(c["stage"], []).append(bool(c["correct"]))
+            if not c["correct"]:
+                kind = first_error(c["completion"], reference[c["id"]], facts)
+                errors.setdefault(c["stage"], Counter())[kind] += 1
+        rows = jsonl(s / "reinforce/metrics.jsonl")
         sampled = [r for r in rows if r.get("resampled")]
-        timing[seed] = {k: statistics.mean(r[k] for r in sampled) for k in ("time_generate", "time_score")}
-        timing[seed]["time_update"] = statistics.mean(r["time_update"] for r in rows)
-        timing[seed]["updates_per_batch"] = len(rows) / len(sampled)
-        print(f"seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in results[seed].items() if k != "problems"),
-              flush=True)
+        sel = json.loads(selection.read_text()) if selection.is_file() else None
+        diag[seed] = {"selection": sel, "flat": statistics.mean(r["flat_groups"] for r in sampled),
+                      "dropped": statistics.mean(r.get("dropped", 0.0) for r in sampled),
+                      "generate": statistics.mean(r["time_generate"] for r in sampled),
+                      "update": statistics.mean(r["time_update"] for r in rows)}
+        print(f"seed {seed} ({(time.monotonic() - t0) / 60:.1f} min): " + ", ".join(
+            f"{a} {results[seed][f'{a}_accuracy']:.3f}" for a in ARMS), flush=True)
 
-    problems = next(iter(results.values()))["problems"]
-    print(f"\nHeld-out test problems: {problems}; seeds {args.seeds}; preset {args.preset} "
-          f"{' '.join(args.set)}\n")
-    has_pass1 = all("base_pass1" in r for r in results.values())
-    print("stage | accuracy (greedy) per seed | mean (spread) | pass@1 (sampled) per seed | mean (spread) "
-          "| format mean | perplexity mean")
-    print("--- | --- | --- | --- | --- | --- | ---")
-    for stage in ("base", "reinforce", "finetune"):
+    first = results[args.seeds[0]]
+    k = next((key[len("base_pass"):] for key in first if key.startswith("base_pass") and key != "base_pass1"), None)
+    print(f"\nHeld-out problems with unseen operand combinations: {len(held)}; seeds {args.seeds}; preset "
+          f"{args.preset} {' '.join(args.set)}; GRPO {rl['steps']} steps x {rl['prompts_per_step']} prompts x "
+          f"{rl['group_size']} samples\n")
+    measures = ["accuracy", "pass1", *([f"pass{k}"] if k else [])]
+    names = {"accuracy": "greedy", "pass1": "pass@1", **({f"pass{k}": f"pass@{k}"} if k else {})}
+    print("arm | " + " | ".join(f"{names[m]} per seed | mean" for m in measures))
+    print("---|" + "---|---|" * len(measures))
+    for arm in ARMS:
         cells = []
-        for measure in ("accuracy", "pass1"):
-            if measure == "pass1" and not has_pass1:
-                cells += ["-", "-"]
-                continue
-            v = [results[s][f"{stage}_{measure}"] for s in args.seeds]
-            cells += [", ".join(f"{a:.3f}" for a in v), f"{statistics.mean(v):.3f} ({max(v) - min(v):.3f})"]
-        fmt = [results[s][f"{stage}_format"] for s in args.seeds]
-        ppl = [results[s][f"{stage}_perplexity"] for s in args.seeds]
-        print(f"{stage} | {' | '.join(cells)} | {statistics.mean(fmt):.3f} | {statistics.mean(ppl):.3f}")
-    print()
-    for measure in ("accuracy", "pass1") if has_pass1 else ("accuracy",):
-        gains = [results[s][f"reinforce_{measure}"] - results[s][f"base_{measure}"] for s in args.seeds]
-        spread = max(max(results[s][f"{st}_{measure}"] for s in args.seeds)
-                     - min(results[s][f"{st}_{measure}"] for s in args.seeds) for st in ("base", "reinforce"))
-        print(f"reinforce - base {measure} per seed: {', '.join(f'{g:+.3f}' for g in gains)}; "
-              f"mean {statistics.mean(gains):+.3f}; largest seed-to-seed spread of either stage {spread:.3f}; "
-              f"{'gain exceeds the spread' if min(gains) > spread else 'gain does NOT exceed the spread'}")
+        for m in measures:
+            v = [results[s].get(f"{arm}_{m}", float("nan")) for s in args.seeds]
+            cells += [" / ".join(f"{x:.3f}" for x in v), f"{statistics.mean(v):.3f}"]
+        print(f"{arm} | " + " | ".join(cells))
 
-    print("\nGRPO step time (seconds, mean per step; generation and scoring once per sampled batch)\n")
-    print("seed | generate | score | update (per optimizer step) | share of generation")
-    print("--- | --- | --- | --- | ---")
-    for seed, t in timing.items():
-        per_batch = t["time_generate"] + t["time_score"] + t["updates_per_batch"] * t["time_update"]
-        print(f"{seed} | {t['time_generate']:.3f} | {t['time_score']:.4f} | {t['time_update']:.3f} | "
-              f"{t['time_generate'] / per_batch:.0%}")
-    print(f"\nruns kept in {root}" if args.keep else "")
+    print("\nGRPO (reinforce) against each arm, greedy answers, paired by problem (exact McNemar)\n")
+    print("seed | against | reinforce - arm | only arm right | only reinforce right | p")
+    print("---|---|---|---|---|---")
+    verdict = {}
+    for seed in args.seeds:
+        c = correct[seed]
+        for arm in ("base", "random_reward", "continued_sft"):
+            only_arm, only_rl, pval = mcnemar(c[arm], c["reinforce"])
+            gain = results[seed]["reinforce_accuracy"] - results[seed][f"{arm}_accuracy"]
+            verdict[seed, arm] = (gain, pval)
+            print(f"{seed} | {arm} | {gain:+.3f} | {only_arm} | {only_rl} | {pval:.2g}")
+    met_base = all(verdict[s, "base"][0] >= GOAL_GAIN and verdict[s, "base"][1] < GOAL_P for s in args.seeds)
+    met_controls = all(verdict[s, a][0] > 0 for s in args.seeds for a in ("random_reward", "continued_sft"))
+    print(f"\ngoal: +{GOAL_GAIN:.2f} greedy over the base with p < {GOAL_P} on every seed: "
+          f"{'MET' if met_base else 'NOT MET'}; above both controls on every seed: "
+          f"{'MET' if met_controls else 'NOT MET'}")
+
+    kinds = ("misread", "arithmetic, seen fact", "arithmetic, unseen fact", "answer line")
+    print("\nWhere wrong greedy answers first go wrong, summed over seeds (misread: a step's operands or "
+          "operation are not the story's)\n")
+    print("arm | " + " | ".join(kinds))
+    print("---|" + "---|" * len(kinds))
+    for arm in ARMS:
+        print(f"{arm} | " + " | ".join(str(errors.get(arm, Counter())[k]) for k in kinds))
+
+    print("\nGRPO diagnostics per seed (selection before the stage; per sampled batch)\n")
+    print("seed | prompts never / sometimes / always solved | trained on | flat groups | dropped | "
+          "generate s | update s")
+    print("---|---|---|---|---|---|---")
+    for seed, d in diag.items():
+        sel = d["selection"]
+        bands = (f"{sel['bands']['never']} / {sel['bands']['sometimes']} / {sel['bands']['always']}"
+                 if sel else "- (no selection)")
+        print(f"{seed} | {bands} | {sel['kept'] if sel else 'all'} | {d['flat']:.2f} | {d['dropped']:.2f} | "
+              f"{d['generate']:.2f} | {d['update']:.2f}")
+    print(f"\n{(time.monotonic() - t_start) / 60:.0f} min" + (f"; runs kept in {root}" if args.keep else ""))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ The same seed, rows, noise and kinds give the same bytes.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,38 @@ def make_problem(rng: random.Random, max_ops: int, max_number: int = 60) -> Prob
         cur = new
     prompt = f"{name} has {start} {item}. " + " ".join(sentences) + f" How many {item} does {name} have now?"
     return Problem(prompt, render_response(name, item, start, steps), str(cur), steps)
+
+
+_INTEGER = re.compile(r"\d+")
+
+
+def operands(prompt: str) -> tuple[int, ...]:
+    """The numbers of a problem's story in order (the start, then each step's operand): its
+    operand combination, whatever the names, items and phrasings around them."""
+    return tuple(int(x) for x in _INTEGER.findall(prompt or ""))
+
+
+def unseen_problems(n: int, seen_prompts: list[str], seed: int, max_ops: int, max_number: int,
+                    max_tries: int = 200) -> list[dict]:
+    """`n` distinct clean problems (id, prompt, response, answer) whose operand combination never
+    occurs among `seen_prompts` (a training set's prompts): a held-out set that measures more than
+    recall of memorised problems. Raises ValueError when max_tries * n draws do not find n."""
+    rng = random.Random(seed)
+    seen = {operands(q) for q in seen_prompts}
+    rows: list[dict] = []
+    for _ in range(max_tries * max(n, 1)):
+        if len(rows) >= n:
+            break
+        p = make_problem(rng, max_ops, max_number)
+        key = operands(p.prompt)
+        if key not in seen:
+            seen.add(key)  # and distinct among themselves
+            rows.append({"id": f"heldout-{seed}-{len(rows):05d}", "prompt": p.prompt, "response": p.response,
+                         "answer": p.answer})
+    if len(rows) < n:
+        raise ValueError(f"unseen_problems: found only {len(rows)} of {n} problems whose operands are unseen "
+                         f"(max_ops {max_ops}, max_number {max_number}): ask for fewer, or allow more operations")
+    return rows
 
 
 def render_response(name: str, item: str, start: int, steps: list[tuple[int, str, int, int]]) -> str:

@@ -143,6 +143,32 @@ class ReinforceConfig:
     loss_norm: str = "sequence"
     """sequence: each completion's loss is the mean over its tokens (GRPO as published); token:
     the mean over all tokens of the group (DAPO), see components/train/grpo.py."""
+    reward: str = "verifiable"
+    """verifiable: accuracy (the answer checked against the reference) plus format, as weighted
+    below; random: the accuracy term replaced by a fair coin per completion, a control (as in
+    "Spurious Rewards", Shao et al. 2025): a gain that a random reward gives as well is not the
+    verifier's doing. The logged accuracy is always the real one."""
+    select_samples: int = 8
+    """Prompt selection at the edge of competence: before the first step, sample this many
+    completions of every training prompt with the starting model (at `temperature`) and train on
+    the prompts whose solve rate lies within [select_min, select_max]; 0 keeps every prompt. A
+    prompt the model never or always solves gives a group of equal rewards: no gradient. The
+    bands are logged and written to <out>/selection.json."""
+    select_prompts: int = 0
+    """Selection measures at most this many training prompts (a seeded random subset) and trains
+    on those of them in the band; 0 measures every prompt. Bounds its cost on a large data set or
+    a large model on a CPU."""
+    select_min: float = 0.1
+    """Lowest solve rate kept (see select_samples)."""
+    select_max: float = 0.9
+    """Highest solve rate kept (see select_samples)."""
+    dynamic_sampling: bool = True
+    """Dynamic sampling (DAPO): a group whose completions all earn the same reward is dropped and
+    replaced by a newly drawn prompt's group, for up to `resample_rounds` more draws of
+    `prompts_per_step` prompts per batch; the share of sampled groups dropped is logged as
+    `dropped`. If the rounds run out, flat groups fill the batch (they add no gradient)."""
+    resample_rounds: int = 3
+    """Dynamic sampling: extra draws per batch at most."""
     ref_update_every: int = 0
     """Copy the policy into the reference model every this many steps (0: keep the starting model)."""
     accuracy_weight: float = 1.0
@@ -192,6 +218,11 @@ class ReinforceConfig:
         require(0 < self.clip < 1, "clip: must be within (0, 1)")
         require(self.kl_coef >= 0, "kl_coef: must not be negative")
         require(self.loss_norm in ("sequence", "token"), f"loss_norm: {self.loss_norm!r} is not sequence or token")
+        require(self.reward in ("verifiable", "random"), f"reward: {self.reward!r} is not verifiable or random")
+        require(min(self.select_samples, self.select_prompts, self.resample_rounds) >= 0,
+                "select_samples, select_prompts and resample_rounds: not negative")
+        require(0 <= self.select_min <= self.select_max <= 1,
+                f"select_min ({self.select_min}) and select_max ({self.select_max}): need 0 <= select_min <= select_max <= 1")
         require(self.accuracy_weight >= 0 and self.format_weight >= 0 and self.accuracy_weight + self.format_weight > 0,
                 "accuracy_weight and format_weight: not negative, not both 0")
         require(bool(self.answer_marker.strip()), "answer_marker: must not be blank")

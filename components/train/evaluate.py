@@ -126,6 +126,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - miss
 
 
+def mcnemar(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
+    """The exact (binomial) McNemar test of two models' right/wrong answers to the same problems:
+    (problems only `a` got right, problems only `b` got right, two-sided p-value that the two
+    are equally often right). Only the discordant problems count; under the null each is `a`'s
+    or `b`'s with chance 1/2."""
+    if len(a) != len(b):
+        raise ValueError(f"mcnemar: {len(a)} and {len(b)} answers; the test pairs answers to the same problems")
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    n, low = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 0, 0, 1.0
+    tail = sum(math.comb(n, i) for i in range(low + 1)) / 2 ** n
+    return only_a, only_b, min(1.0, 2 * tail)
+
+
 def run(cfg: EvaluateConfig, stages: dict[str, str | os.PathLike], data: str | os.PathLike,
         out_dir: str | os.PathLike) -> dict[str, Any]:
     from components.model.folder import load_model

@@ -23,6 +23,7 @@ trained token), at `max_new_tokens`, or at the model's block_size, whichever com
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -94,12 +95,46 @@ def completion_mask(completion: torch.Tensor, eos_id: int | tuple[int, ...]) -> 
     return (~after).int()
 
 
+# ---- prompt selection ----------------------------------------------------------------------
+
+@torch.no_grad()
+def solve_rates(model, tok, prompts: list[Prompt], samples: int, temperature: float, max_new_tokens: int,
+                block_size: int, seed: int, marker: str = "####", rows_per_decode: int = 256) -> list[float]:
+    """The share of `samples` completions (sampled at `temperature`) of each prompt that earn the
+    accuracy reward: same-length prompts decode together, up to `rows_per_decode` rows at once."""
+    from components.console import Progress
+
+    model.eval()
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p.ids), []).append(i)
+    rates = [0.0] * len(prompts)
+    chunk = max(1, rows_per_decode // samples)
+    bar = Progress(len(prompts), "reinforce: solve rates", "prompt", enabled=os.environ.get("RANK", "0") == "0")
+    for length in sorted(by_len):
+        members = by_len[length]
+        for start in range(0, len(members), chunk):
+            part = members[start:start + chunk]
+            idx = torch.tensor([prompts[i].ids for i in part for _ in range(samples)], dtype=torch.long)
+            out = model.generate(idx, min(max_new_tokens, block_size - length), temperature=temperature,
+                                 eos_id=tok.eos_ids, generator=g)
+            for j, row in enumerate(out[:, length:].tolist()):
+                i = part[j // samples]
+                rates[i] += accuracy_reward(tok.decode(tok.until_eos(row)), prompts[i].reference, marker) / samples
+            bar.update(len(part))
+    bar.close()
+    return rates
+
+
 # ---- the objective the engine runs ---------------------------------------------------------
 
 @dataclass
 class Prompt:
     ids: list[int]
     reference: str
+    id: Any = None  # the row's id
+    rate: float | None = None  # the solve rate under the starting model, when selection measured it
 
 
 @dataclass
@@ -134,16 +169,51 @@ class GRPO:
             ref = reference_answer(r, cfg.answer_marker)
             ids = tokenizer.prompt_ids(r.get("prompt") or "")
             if ref is not None and parse_answer(ref) is not None and 0 < len(ids) <= room:
-                self.prompts.append(Prompt(ids, ref))
+                self.prompts.append(Prompt(ids, ref, r.get("id")))
         if not self.prompts:
             raise DataError(f"no training row has a verifiable answer and a prompt of at most {room} tokens "
                             f"(the model's block_size {block_size} less {MIN_COMPLETION} for the completion)")
         self.skipped = len(rows) - len(self.prompts)
+        self.selection: dict[str, Any] | None = None
+        if cfg.select_samples:
+            self.select()
         self.by_length: dict[int, list[Prompt]] = {}
         for p in self.prompts:
             self.by_length.setdefault(len(p.ids), []).append(p)
         self.batch: list[Rollout] = []
         self.batch_stats: dict[str, float] = {}
+
+    def select(self) -> None:
+        """Keep the prompts at the edge of competence: each prompt's solve rate under the starting
+        model (the reference, before any step) from `select_samples` completions, and the prompts
+        with select_min <= rate <= select_max (of a seeded subset of `select_prompts`, if set).
+        Every process computes the same rates (same seed)."""
+        cfg = self.cfg
+        if 0 < cfg.select_prompts < len(self.prompts):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 11)
+            pick = sorted(torch.randperm(len(self.prompts), generator=g)[:cfg.select_prompts].tolist())
+            self.prompts = [self.prompts[i] for i in pick]
+        rates = solve_rates(self.reference, self.tok, self.prompts, cfg.select_samples, cfg.temperature,
+                            cfg.max_new_tokens, self.block_size, cfg.seed, cfg.answer_marker)
+        for p, rate in zip(self.prompts, rates):
+            p.rate = rate
+        kept = [p for p in self.prompts if cfg.select_min <= p.rate <= cfg.select_max]
+        bands = {"never": sum(r == 0 for r in rates), "sometimes": sum(0 < r < 1 for r in rates),
+                 "always": sum(r == 1 for r in rates)}
+        self.selection = {"samples": cfg.select_samples, "temperature": cfg.temperature,
+                          "bounds": [cfg.select_min, cfg.select_max], "prompts": len(self.prompts),
+                          "bands": bands, "kept": len(kept), "mean_rate": sum(rates) / len(rates),
+                          "kept_mean_rate": sum(p.rate for p in kept) / len(kept) if kept else None,
+                          "rows": [{"id": p.id, "rate": p.rate, "kept": cfg.select_min <= p.rate <= cfg.select_max}
+                                   for p in self.prompts]}
+        if not kept:
+            raise DataError(
+                f"reinforce: no training prompt has a solve rate within [{cfg.select_min}, {cfg.select_max}] under "
+                f"the starting model ({bands['never']} never solved, {bands['sometimes']} sometimes, "
+                f"{bands['always']} always, in {cfg.select_samples} samples each): reinforcement would have no "
+                f"signal; train the base stage longer, widen reinforce.select_min/select_max, or set "
+                f"reinforce.select_samples=0 to keep every prompt")
+        self.prompts = kept
 
     def fingerprint(self) -> str:
         import hashlib
@@ -156,61 +226,83 @@ class GRPO:
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"reference": self.reference}
 
-    def rewards(self, texts: list[str], reference: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(total, accuracy, format) rewards of a group's completion texts."""
+    def rewards(self, texts: list[str], reference: str, coin: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, accuracy, format) rewards of a group's completion texts. With reward "random"
+        the total's accuracy term is a fair coin per completion (drawn from `coin`); the
+        returned accuracy is the real one either way."""
         acc = torch.tensor([accuracy_reward(t, reference, self.cfg.answer_marker) for t in texts])
         fmt = torch.tensor([format_reward(t, self.cfg.answer_marker) for t in texts])
-        return self.cfg.accuracy_weight * acc + self.cfg.format_weight * fmt, acc, fmt
+        scored = acc
+        if self.cfg.reward == "random":
+            scored = torch.randint(0, 2, (len(texts),), generator=coin).float()
+        return self.cfg.accuracy_weight * scored + self.cfg.format_weight * fmt, acc, fmt
 
-    def draw(self, step: int, rank: int) -> list[Prompt]:
-        """This step's prompts on this rank: the first uniformly over all prompts, the rest
-        uniformly among those of the same token length (so each prompt's chance is equal)."""
-        g = _generator(self.cfg.seed, step, rank)
+    def draw(self, step: int, rank: int, round: int = 0, count: int = 0) -> list[Prompt]:
+        """This step's prompts on this rank (`count`, or prompts_per_step): the first uniformly over
+        all prompts, the rest uniformly among those of the same token length (so each prompt's
+        chance is equal). Dynamic sampling's later rounds draw anew from their own stream."""
+        g = _generator(self.cfg.seed, step, rank + 100_000 * round)
         first = self.prompts[int(torch.randint(0, len(self.prompts), (1,), generator=g))]
         bucket = self.by_length[len(first.ids)]
-        rest = torch.randint(0, len(bucket), (self.cfg.prompts_per_step - 1,), generator=g).tolist()
+        rest = torch.randint(0, len(bucket), ((count or self.cfg.prompts_per_step) - 1,), generator=g).tolist()
         return [first, *(bucket[i] for i in rest)]
 
     @torch.no_grad()
     def sample(self, model, step: int, rank: int, world: int) -> None:
-        """Sample this batch's groups (one per micro-batch) with the current policy, all prompts
-        of the step in one batched decode."""
-        cfg, G = self.cfg, self.cfg.group_size
+        """Sample this batch's groups (one per micro-batch) with the current policy, each draw's
+        prompts in one batched decode. With dynamic sampling, groups of equal rewards are dropped
+        and as many prompts as are missing drawn again (at most `resample_rounds` more times)
+        until `prompts_per_step` groups have signal; flat groups fill what the rounds could not."""
+        cfg, G, n = self.cfg, self.cfg.group_size, self.cfg.prompts_per_step
         g = _generator(cfg.seed, step, 1_000_000 + rank)
-        prompts = self.draw(step, rank)
-        P = len(prompts[0].ids)
+        coin = _generator(cfg.seed, step, 2_000_000 + rank)
         model.eval()
-        t0 = time.perf_counter()
-        idx = torch.tensor([p.ids for p in prompts for _ in range(G)], dtype=torch.long)
-        budget = min(cfg.max_new_tokens, self.block_size - P)
-        seq = model.generate(idx, budget, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                             eos_id=self.tok.eos_ids, generator=g)
-        t1 = time.perf_counter()
-        mask = completion_mask(seq[:, P:], self.tok.eos_ids)
-        self.batch, totals, accs, fmts = [], [], [], []
-        for i, prompt in enumerate(prompts):
-            rows = slice(i * G, (i + 1) * G)
-            T = int(mask[rows].sum(dim=1).max())  # this group's longest completion
-            s, m = seq[rows, :P + T], mask[rows, :T]
-            texts = [self.tok.decode(c[k.bool()].tolist()) for c, k in zip(s[:, P:], m)]
-            total, acc, fmt = self.rewards(texts, prompt.reference)
-            self.batch.append(Rollout(s, P, m, group_advantages(total, scale=cfg.scale_advantages), None, None))
-            totals.append(total)
-            accs.append(acc)
-            fmts.append(fmt)
-        t2 = time.perf_counter()
+        t_gen = t_score = 0.0
+        kept, flat_pool, totals, accs, fmts, lengths = [], [], [], [], [], []
+        rounds = 1 + (cfg.resample_rounds if cfg.dynamic_sampling else 0)
+        for rnd in range(rounds):
+            prompts = self.draw(step, rank, rnd, n - len(kept))  # later rounds: as many as are missing
+            P = len(prompts[0].ids)
+            t0 = time.perf_counter()
+            idx = torch.tensor([p.ids for p in prompts for _ in range(G)], dtype=torch.long)
+            budget = min(cfg.max_new_tokens, self.block_size - P)
+            seq = model.generate(idx, budget, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                 eos_id=self.tok.eos_ids, generator=g)
+            t1 = time.perf_counter()
+            mask = completion_mask(seq[:, P:], self.tok.eos_ids)
+            lengths.append(mask.sum(dim=1).float())
+            for i, prompt in enumerate(prompts):
+                rows = slice(i * G, (i + 1) * G)
+                T = int(mask[rows].sum(dim=1).max())  # this group's longest completion
+                s, m = seq[rows, :P + T], mask[rows, :T]
+                texts = [self.tok.decode(c[k.bool()].tolist()) for c, k in zip(s[:, P:], m)]
+                total, acc, fmt = self.rewards(texts, prompt.reference, coin)
+                rollout = Rollout(s, P, m, group_advantages(total, scale=cfg.scale_advantages), None, None)
+                flat = bool((total == total[0]).all())
+                (flat_pool if flat and cfg.dynamic_sampling else kept).append(rollout)
+                totals.append(total)
+                accs.append(acc)
+                fmts.append(fmt)
+            t_gen += t1 - t0
+            t_score += time.perf_counter() - t1
+            if len(kept) >= n:
+                break
+        self.batch = (kept + flat_pool)[:n]
         for r in self.batch:
-            r.old_logp = token_logprobs(model, r.seq, P).float()
-            r.ref_logp = token_logprobs(self.reference, r.seq, P).float()
+            r.old_logp = token_logprobs(model, r.seq, r.prompt_len).float()
+            r.ref_logp = token_logprobs(self.reference, r.seq, r.prompt_len).float()
         model.train()
-        flat = torch.tensor([float(bool((t == t[0]).all())) for t in totals]).mean()  # groups with no signal
+        sampled = len(totals)
+        flat = sum(bool((t == t[0]).all()) for t in totals) / sampled  # groups with no signal
         means = torch.stack([torch.cat(totals).mean(), torch.cat(accs).mean(), torch.cat(fmts).mean(),
-                             mask.sum(dim=1).float().mean(), flat]).float()
+                             torch.cat(lengths).mean(), torch.tensor(flat), torch.tensor(1 - n / sampled),
+                             torch.tensor(float(rnd + 1))]).float()
         if world > 1:  # every rank samples its own prompts: log the mean over all of them
             torch.distributed.all_reduce(means)
             means /= world
-        self.batch_stats = {**dict(zip(("reward", "accuracy", "format", "length", "flat_groups"), means.tolist())),
-                            "time_generate": t1 - t0, "time_score": t2 - t1}
+        keys = ("reward", "accuracy", "format", "length", "flat_groups", "dropped", "sample_rounds")
+        self.batch_stats = {**dict(zip(keys, means.tolist())), "time_generate": t_gen, "time_score": t_score}
 
     def step(self, engine, step: int, rank: int, world: int) -> dict[str, Any]:
         cfg = self.cfg

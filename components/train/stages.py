@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from components.artifacts import check_output, finish
+from components.artifacts import check_output, finish, write_json
 from components.console import log
 from components.data.load import DataError, load_canonical
 from components.model import Transformer
@@ -33,7 +33,7 @@ from components.model.folder import load_pretrained
 from components.train.pretrained import deepen, freeze_below
 
 OUTPUTS = ("checkpoints", "metrics.jsonl", "model", "adapter", "loss.png", "plots", "rewards.png", "manifest.json",
-           "metrics.json")
+           "metrics.json", "selection.json")
 
 
 def _prepare(out: Path, inputs: tuple, fresh: bool) -> None:
@@ -74,6 +74,8 @@ def encode_pairs(rows: list[dict], tok) -> tuple[list[list[int]], list[int]]:
 def _outputs(out: Path) -> dict[str, Path]:
     """What the stage's manifest records: model/, metrics.jsonl and, with LoRA, adapter/."""
     found = {"model": out / "model", "metrics": out / "metrics.jsonl"}
+    if (out / "selection.json").is_file():
+        found["selection"] = out / "selection.json"
     return {**found, "adapter": out / "adapter"} if (out / "adapter").is_dir() else found
 
 
@@ -99,13 +101,26 @@ def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: s
     reference.load_state_dict(state)
     objective = GRPO(cfg, rows, tok, reference, model_cfg.block_size)
     if os.environ.get("RANK", "0") == "0":
-        log.info(f"reinforce: {len(objective.prompts)} prompts with verifiable answers ({objective.skipped} rows "
+        sel = objective.selection
+        found = len(objective.prompts) if sel is None else sel["prompts"]
+        log.info(f"reinforce: {found} prompts with verifiable answers ({objective.skipped} rows "
                  f"skipped: no answer, or a prompt leaving under {MIN_COMPLETION} tokens of block_size)")
+        if sel is not None:
+            b = sel["bands"]
+            log.info(f"reinforce: solve rates in {sel['samples']} samples: {b['never']} never, {b['sometimes']} "
+                     f"sometimes, {b['always']} always solved (mean {sel['mean_rate']:.3f}); training on the "
+                     f"{sel['kept']} within [{cfg.select_min}, {cfg.select_max}]")
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "selection.json", sel)
     train_cfg = cfg.train_config()
     val = _val_batches(_rows(data_dir, "val.jsonl"), tok, model_cfg.block_size, 8, cfg.seed)
     summary = train(model_cfg, train_cfg, objective, val, tok, out, progress=progress, init=state,
                     freeze=_lora(cfg), stage={"name": "reinforce", **asdict(cfg)}, adapter_base=str(init_dir))
-    summary.update(_tail_means(out / "metrics.jsonl", ("reward", "accuracy", "format", "kl", "length", "flat_groups")))
+    summary.update(_tail_means(out / "metrics.jsonl", ("reward", "accuracy", "format", "kl", "length", "flat_groups",
+                                                       "dropped")))
+    if objective.selection is not None:
+        summary.update({f"selected_{k}": v for k, v in objective.selection["bands"].items()},
+                       selected_prompts=objective.selection["kept"])
     if torch.distributed.get_rank() == 0:
         plot_rewards(out / "metrics.jsonl", out / "rewards.png")
         finish(out, "train.reinforce", {"init": Path(init_dir) / "model.safetensors",

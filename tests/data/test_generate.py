@@ -8,6 +8,8 @@ import re
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from components.artifacts import sha256_file
 from components.data.config import GenerateConfig
@@ -308,3 +310,27 @@ def test_run_replaces_earlier_output_and_leaves_no_temporaries(tmp_path):
     run(GenerateConfig(rows=60, seed=2), out)
     assert out.read_bytes() != first and len(out.read_text().splitlines()) == 60
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.jsonl", "raw.manifest.json", "raw.truth.jsonl"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), max_ops=st.integers(2, 3), max_number=st.integers(10, 60))
+def test_unseen_problems_never_repeat_an_operand_combination_of_the_training_prompts(seed, max_ops, max_number):
+    from components.data.generate import operands, unseen_problems
+
+    cfg = GenerateConfig(rows=300, noise=0.0, seed=seed, max_ops=max_ops, max_number=max_number)
+    train, _ = generate(cfg)
+    seen = {operands(r["prompt"]) for r in train}
+    held = unseen_problems(50, [r["prompt"] for r in train], seed + 1, max_ops, max_number)
+    keys = [operands(r["prompt"]) for r in held]
+    assert len(held) == 50 and len(set(keys)) == 50 and not seen & set(keys)
+    for r in held:  # real problems: the worked response's last line is the answer
+        assert r["response"].endswith(f"#### {r['answer']}") and keys[0]
+
+
+def test_operands_reads_the_story_numbers_in_order_and_unseen_problems_says_when_it_runs_out():
+    from components.data.generate import operands, unseen_problems
+
+    assert operands("Ann has 12 pens. Ann buys 3 more pens. Ann sells 14 of the pens. How many?") == (12, 3, 14)
+    every = [f"A has {a} x. A buys {b} more x." for a in range(2, 7) for b in range(1, 6)]
+    with pytest.raises(ValueError, match="found only"):  # one operation, counts to 6: few combinations exist
+        unseen_problems(200, every, 0, max_ops=1, max_number=6, max_tries=5)

@@ -156,8 +156,8 @@ def test_grpo_refuses_data_without_a_usable_prompt():
 
     rows = [{"prompt": "x" * 30, "response": "y\n#### 3", "answer": "3"}, {"prompt": "short", "answer": None}]
     with pytest.raises(DataError, match="prompt of at most 4 tokens"):
-        GRPO(ReinforceConfig(), rows, ByteTokenizer(), _model(), block_size=20)
-    ok = GRPO(ReinforceConfig(), rows, ByteTokenizer(), _model(), block_size=64)
+        GRPO(ReinforceConfig(select_samples=0), rows, ByteTokenizer(), _model(), block_size=20)
+    ok = GRPO(ReinforceConfig(select_samples=0), rows, ByteTokenizer(), _model(), block_size=64)
     assert len(ok.prompts) == 1 and ok.skipped == 1  # the row without an answer
 
 
@@ -166,7 +166,7 @@ def _grpo(rows, prompts_per_step=4, group_size=3):
     from components.train.config import ReinforceConfig
     from components.train.grpo import GRPO
 
-    cfg = ReinforceConfig(prompts_per_step=prompts_per_step, group_size=group_size, max_new_tokens=6)
+    cfg = ReinforceConfig(prompts_per_step=prompts_per_step, group_size=group_size, max_new_tokens=6, select_samples=0)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=16, block_size=64))
     return GRPO(cfg, rows, ByteTokenizer(), model, block_size=64)
@@ -205,6 +205,9 @@ def test_a_sampled_batch_holds_one_group_per_prompt_cut_to_its_own_length():
     ({"group_size": 1}, "group_size"), ({"steps": 3}, "multiples of updates_per_batch"),
     ({"clip": 1.5}, "clip"), ({"kl_coef": -0.1}, "kl_coef"), ({"temperature": 0}, "temperature"),
     ({"loss_norm": "batch"}, "loss_norm"), ({"accuracy_weight": 0, "format_weight": 0}, "accuracy_weight"),
+    ({"reward": "coin"}, "reward"), ({"select_min": 0.8, "select_max": 0.2}, "select_min"),
+    ({"select_max": 1.5}, "select_max"), ({"select_samples": -1}, "select_samples"),
+    ({"resample_rounds": -1}, "resample_rounds"), ({"select_prompts": -2}, "select_prompts"),
 ])
 def test_reinforce_config_names_a_bad_field(bad, field):
     from components.config import ConfigError
@@ -212,3 +215,102 @@ def test_reinforce_config_names_a_bad_field(bad, field):
 
     with pytest.raises(ConfigError, match=field):
         ReinforceConfig(**bad).check()
+
+
+class Scripted(Transformer):
+    """A real tiny transformer (its forward scores the rollouts) whose sampling is scripted:
+    `script(prompt text, row in the decode, call number)` is the completion each row gets."""
+
+    def __init__(self, script):
+        torch.manual_seed(0)
+        super().__init__(ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=16, block_size=64))
+        self.script, self.calls = script, 0
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, generator=None):
+        from components.model import ByteTokenizer
+
+        tok, rows = ByteTokenizer(), []
+        for j, row in enumerate(idx.tolist()):
+            text = self.script(tok.decode(row).rstrip("\n"), j, self.calls)
+            rows.append(row + (tok.encode(text) + [tok.eos_id])[:max_new_tokens])
+        self.calls += 1
+        width = max(map(len, rows))
+        return torch.tensor([r + [tok.eos_id] * (width - len(r)) for r in rows])
+
+
+# prompts "aN?" (answer 1: always right), "bN?" (answer 2: right on even rows of a decode, half
+# the time), "cN?" (answer 3: never right); the model always answers 1 or 2
+ROWS = [{"id": f"{k}{i}", "prompt": f"{k}{i}?", "answer": {"a": "1", "b": "2", "c": "3"}[k]}
+        for k in "abc" for i in range(4)]
+
+
+def _answers(prompt, row, call):
+    return "so\n#### 1" if prompt.startswith("a") or (prompt.startswith("b") and row % 2) else "so\n#### 2"
+
+
+def _scripted_grpo(rows=ROWS, **cfg):
+    from components.model import ByteTokenizer
+    from components.train.config import ReinforceConfig
+    from components.train.grpo import GRPO
+
+    config = ReinforceConfig(**{"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 12, "select_samples": 0, **cfg})
+    config.check()
+    return GRPO(config, rows, ByteTokenizer(), Scripted(_answers), block_size=64)
+
+
+def test_selection_keeps_the_prompts_solved_sometimes_and_counts_the_bands():
+    grpo = _scripted_grpo(select_samples=4, select_min=0.1, select_max=0.9)
+    assert sorted(p.id for p in grpo.prompts) == ["b0", "b1", "b2", "b3"]  # a: always, c: never solved
+    sel = grpo.selection
+    assert sel["bands"] == {"never": 4, "sometimes": 4, "always": 4} and sel["kept"] == 4 and sel["prompts"] == 12
+    assert {r["id"]: r["rate"] for r in sel["rows"]} == {f"{k}{i}": {"a": 1.0, "b": 0.5, "c": 0.0}[k]
+                                                          for k in "abc" for i in range(4)}
+    assert abs(sel["mean_rate"] - 0.5) < 1e-9 and sel["kept_mean_rate"] == 0.5
+    # the bounds are inclusive: [0.5, 1] keeps the half-solved and the always-solved prompts
+    assert len(_scripted_grpo(select_samples=4, select_min=0.5, select_max=1.0).prompts) == 8
+    # a subset: 6 of the 12 measured, the same 6 for the same seed
+    sub = _scripted_grpo(select_samples=4, select_prompts=6, select_min=0.0, select_max=1.0)
+    assert sub.selection["prompts"] == 6 and len(sub.prompts) == 6
+    again = _scripted_grpo(select_samples=4, select_prompts=6, select_min=0.0, select_max=1.0)
+    assert [p.id for p in again.prompts] == [p.id for p in sub.prompts]
+    off = _scripted_grpo(select_samples=0)
+    assert len(off.prompts) == 12 and off.selection is None
+
+
+def test_selection_that_keeps_nothing_is_a_clear_error():
+    from components.data.load import DataError
+
+    with pytest.raises(DataError, match=r"4 never solved, 4 sometimes, 4 always.*select_samples=0"):
+        _scripted_grpo(select_samples=4, select_min=0.6, select_max=0.9)
+
+
+def test_dynamic_sampling_replaces_groups_of_equal_rewards():
+    # without selection, a draw of "a" or "c" prompts gives flat groups: they are dropped and
+    # replaced while rounds remain, and only "b" groups (rewards 1.5 / 0.5) reach the update
+    grpo = _scripted_grpo(dynamic_sampling=True, resample_rounds=20)
+    for step in range(6):
+        grpo.sample(grpo.reference, step=step, rank=0, world=1)
+        assert len(grpo.batch) == 2
+        for r in grpo.batch:
+            assert r.advantages.abs().sum() > 0  # every group in the update has signal
+        s = grpo.batch_stats
+        assert 0 <= s["dropped"] < 1 and 0 <= s["flat_groups"] <= 1 and s["sample_rounds"] >= 1
+        # every group beyond the two that trained was a dropped flat one
+        assert abs(s["dropped"] - s["flat_groups"]) < 1e-6
+    # no rounds left: flat groups fill the batch, as without dynamic sampling
+    off = _scripted_grpo(rows=[r for r in ROWS if r["id"][0] != "b"], dynamic_sampling=True, resample_rounds=2)
+    off.sample(off.reference, step=0, rank=0, world=1)
+    assert len(off.batch) == 2 and all(r.advantages.abs().sum() == 0 for r in off.batch)
+    assert off.batch_stats["flat_groups"] == 1.0 and off.batch_stats["sample_rounds"] == 3
+
+
+def test_a_random_reward_replaces_the_accuracy_term_but_the_logged_accuracy_is_real():
+    grpo = _scripted_grpo(reward="random", dynamic_sampling=False)
+    texts = ["so\n#### 1", "so\n#### 2"] * 20
+    g = torch.Generator().manual_seed(0)
+    total, acc, fmt = grpo.rewards(texts, "1", g)
+    assert acc.tolist() == [1.0, 0.0] * 20 and fmt.tolist() == [1.0] * 40
+    coin = (total - 0.5).tolist()  # accuracy_weight 1 times the coin, plus format_weight 0.5
+    assert set(coin) == {0.0, 1.0} and coin != acc.tolist() and 10 < sum(coin) < 30
+    real = _scripted_grpo(dynamic_sampling=False).rewards(texts, "1", g)[0]
+    assert (real - 0.5).tolist() == acc.tolist()

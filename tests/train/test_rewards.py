@@ -3,6 +3,7 @@ empty output, several answers; a property test for the answer parser."""
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 
 import pytest
@@ -108,3 +109,31 @@ def test_pass_at_k_refuses_impossible_counts():
     for n, c, k in ((4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)):
         with pytest.raises(ValueError, match="pass_at_k"):
             pass_at_k(n, c, k)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pairs=st.lists(st.tuples(st.booleans(), st.booleans()), max_size=40))
+def test_mcnemar_counts_discordant_pairs_and_its_p_is_the_exact_two_sided_binomial(pairs):
+    from components.train.evaluate import mcnemar
+
+    a, b = [x for x, _ in pairs], [y for _, y in pairs]
+    only_a, only_b, p = mcnemar(a, b)
+    assert only_a == sum(x and not y for x, y in pairs) and only_b == sum(y and not x for x, y in pairs)
+    n = only_a + only_b
+    # every split of the n discordant problems at least as lopsided as the one seen, under p = 1/2
+    extreme = abs(only_a - only_b)
+    exact = sum(math.comb(n, i) for i in range(n + 1) if abs(2 * i - n) >= extreme) / 2 ** n
+    assert abs(p - min(1.0, exact)) < 1e-12
+    assert mcnemar(b, a) == (only_b, only_a, p)  # symmetric
+    assert 0 < p <= 1
+
+
+def test_mcnemar_known_values_and_refusal():
+    import pytest
+
+    from components.train.evaluate import mcnemar
+
+    assert mcnemar([True] * 10, [False] * 10) == (10, 0, 2 / 2 ** 10)
+    assert mcnemar([True, False], [True, False]) == (0, 0, 1.0)
+    with pytest.raises(ValueError, match="same problems"):
+        mcnemar([True], [True, False])

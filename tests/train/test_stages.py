@@ -40,7 +40,7 @@ def _metrics(folder: Path) -> list[dict]:
 def test_reinforce_with_growth_then_finetune_then_evaluate_and_generate(trained):
     root, split = trained, str(trained / "split")
     ok(cli("train", "--stage", "reinforce", "--init", str(root / "base/model"), "--data", split,
-           "--out", str(root / "rl"), "--set", "reinforce.grow_layers=1"))
+           "--out", str(root / "rl"), "--set", "reinforce.grow_layers=1", "--set", "reinforce.updates_per_batch=2"))
     rows = _metrics(root / "rl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["resampled"] for r in rows] == [True, False, True, False]  # updates_per_batch 2
@@ -97,6 +97,26 @@ def test_a_grpo_run_resumed_from_a_checkpoint_ends_with_the_same_weights(trained
     strip = [{k: v for k, v in r.items() if not k.startswith(("time_", "tokens_per_s"))} for r in _metrics(root / "straight")]
     again = [{k: v for k, v in r.items() if not k.startswith(("time_", "tokens_per_s"))} for r in _metrics(root / "resumed")]
     assert strip == again
+
+
+def test_reinforce_selects_prompts_by_solve_rate_and_writes_the_bands(trained, tmp_path):
+    root, split = trained, str(trained / "split")
+    args = ("train", "--stage", "reinforce", "--init", str(root / "base/model"), "--data", split,
+            "--set", "reinforce.select_samples=2", "--set", "reinforce.select_prompts=40")
+    out = ok(cli(*args, "--out", str(tmp_path / "all"), "--set", "reinforce.select_min=0",
+                 "--set", "reinforce.select_max=1"))
+    sel = json.loads((tmp_path / "all/selection.json").read_text())
+    assert sel["prompts"] == 40 == sel["kept"] == sum(sel["bands"].values()) == len(sel["rows"])
+    assert all(r["rate"] in (0.0, 0.5, 1.0) and r["kept"] for r in sel["rows"])
+    assert "solve rates in 2 samples" in out.stderr and f"{sel['bands']['never']} never" in out.stderr
+    manifest = json.loads((tmp_path / "all/manifest.json").read_text())
+    assert "selection" in manifest["outputs"] and manifest["metrics"]["selected_prompts"] == 40
+    assert all("dropped" in r and "sample_rounds" in r for r in _metrics(tmp_path / "all") if r.get("resampled"))
+    # a band no prompt can fall in (2 samples: rates 0, 0.5 or 1): one line, exit 1, nothing written
+    none = cli(*args, "--out", str(tmp_path / "none"), "--set", "reinforce.select_min=0.6",
+               "--set", "reinforce.select_max=0.9")
+    assert none.returncode == 1 and "no training prompt has a solve rate within [0.6, 0.9]" in none.stderr
+    assert "Traceback" not in none.stderr and not (tmp_path / "none").exists()
 
 
 def test_stage_errors_name_what_is_wrong(trained, tmp_path):
