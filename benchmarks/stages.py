@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/stages.py                      # 3 seeds, the small preset (~1.5 h on 2 cores)
     .venv/bin/python benchmarks/stages.py --seeds 0 --heldout 300 --set reinforce.steps=20   # a quick look
+    # an imported model on GSM8K (a GPU run: README "Your own model" makes the model and the split)
+    .venv/bin/python benchmarks/stages.py --base-model models/smollm2 --data data/gsm8k/split --heldout 1319 \
+        --set reinforce.lora_rank=16 --set finetune.lora_rank=16 --set reinforce.max_new_tokens=256 \
+        --set reinforce.precision=bf16 --set evaluate.max_new_tokens=256
 
 The small preset's data steps run once (generate, validate, filter, split). For each seed, with
 that seed for training and sampling:
@@ -85,6 +89,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--heldout", type=int, default=1000, help="held-out problems with unseen operands")
+    parser.add_argument("--base-model", help="a model folder (distillery model import) as the base: no base "
+                        "stage, the same base for every seed; needs --data")
+    parser.add_argument("--data", help="with --base-model: a split folder (train.jsonl, val.jsonl, test.jsonl); "
+                        "the held-out set is the first --heldout rows of its test.jsonl")
     parser.add_argument("--keep", help="keep the runs in this folder instead of a temporary one")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a parameter override for every command, e.g. --set reinforce.steps=40")
@@ -96,55 +104,66 @@ def main() -> None:
     params = yaml.safe_load(cli("params", *p))
     gen, rl = params["generate"], params["reinforce"]
 
-    cli("data", "generate", "--out", str(root / "raw.jsonl"), *p)
-    cli("validate", str(root / "raw.jsonl"), "--out", str(root / "validated"), *p)
-    cli("filter", str(root / "validated/clean.jsonl"), "--out", str(root / "filtered"), *p)
-    cli("split", str(root / "filtered/kept.jsonl"), "--out", str(root / "split"), *p)
-    train_rows = jsonl(root / "split/train.jsonl")
-    held = unseen_problems(args.heldout, [r.get("prompt") or "" for r in train_rows], 1_000_003,
-                           gen["max_ops"], gen["max_number"])
+    if args.base_model:
+        if not args.data:
+            parser.error("--base-model needs --data (a split folder)")
+        split = Path(args.data)
+        train_rows = jsonl(split / "train.jsonl")
+        held = jsonl(split / "test.jsonl")[:args.heldout]
+        print(f"data: {len(train_rows)} training rows; {len(held)} held-out problems from {split / 'test.jsonl'}",
+              flush=True)
+    else:
+        split = root / "split"
+        cli("data", "generate", "--out", str(root / "raw.jsonl"), *p)
+        cli("validate", str(root / "raw.jsonl"), "--out", str(root / "validated"), *p)
+        cli("filter", str(root / "validated/clean.jsonl"), "--out", str(root / "filtered"), *p)
+        cli("split", str(root / "filtered/kept.jsonl"), "--out", str(split), *p)
+        train_rows = jsonl(split / "train.jsonl")
+        held = unseen_problems(args.heldout, [r.get("prompt") or "" for r in train_rows], 1_000_003,
+                               gen["max_ops"], gen["max_number"])
+        print(f"data: {len(train_rows)} training rows; {len(held)} held-out problems whose operand combinations "
+              f"never occur in them", flush=True)
     write_jsonl(root / "heldout.jsonl", held)
-    print(f"data: {len(train_rows)} training rows; {len(held)} held-out problems whose operand combinations "
-          f"never occur in them", flush=True)
-
     facts = {(int(a), op, int(b)) for r in train_rows for a, op, b, _ in MARK.findall(r.get("response") or "")}
     reference = {r["id"]: r["response"] for r in held}
     results, correct, diag, errors = {}, {}, {}, {}
     for seed in args.seeds:
         s = root / f"seed{seed}"
         t0 = time.monotonic()
-        cli("train", "--stage", "base", "--data", str(root / "split"), "--out", str(s / "base"), *p,
-            "--set", f"train.seed={seed}")
+        base = Path(args.base_model) if args.base_model else s / "base/model"
+        if not args.base_model:
+            cli("train", "--stage", "base", "--data", str(split), "--out", str(s / "base"), *p,
+                "--set", f"train.seed={seed}")
         rl_set = ("--set", f"reinforce.seed={seed}")
-        cli("train", "--stage", "reinforce", "--init", str(s / "base/model"), "--data", str(root / "split"),
+        cli("train", "--stage", "reinforce", "--init", str(base), "--data", str(split),
             "--out", str(s / "reinforce"), *p, *rl_set)
-        # the controls' data: the prompts GRPO trained on (its selection, if it selected), same val rows
+        # the controls' data: the prompts GRPO trained on (its selection.json), the same val rows
         same = s / "selected_split"
         same.mkdir(parents=True, exist_ok=True)
         selection = s / "reinforce/selection.json"
-        kept = ({r["id"] for r in json.loads(selection.read_text())["rows"] if r["kept"]}
-                if selection.is_file() else None)
-        write_jsonl(same / "train.jsonl", [r for r in train_rows if kept is None or r.get("id") in kept])
-        (same / "val.jsonl").write_text((root / "split/val.jsonl").read_text())
-        cli("train", "--stage", "reinforce", "--init", str(s / "base/model"), "--data", str(same),
+        kept = {r["id"] for r in json.loads(selection.read_text())["rows"] if r["kept"]}
+        write_jsonl(same / "train.jsonl", [r for r in train_rows if r.get("id") in kept])
+        (same / "val.jsonl").write_text((split / "val.jsonl").read_text())
+        cli("train", "--stage", "reinforce", "--init", str(base), "--data", str(same),
             "--out", str(s / "random_reward"), *p, *rl_set, "--set", "reinforce.reward=random",
             "--set", "reinforce.select_samples=0")  # the same prompts, selected already
-        cli("train", "--stage", "finetune", "--init", str(s / "base/model"), "--data", str(same),
+        cli("train", "--stage", "finetune", "--init", str(base), "--data", str(same),
             "--out", str(s / "continued_sft"), *p, "--set", f"finetune.seed={seed}",
             "--set", f"finetune.steps={rl['steps']}", "--set", f"finetune.micro_batch={rl['prompts_per_step']}",
             "--set", "finetune.train_top_layers=0", "--set", f"finetune.checkpoint_every={rl['steps']}",
             "--set", f"finetune.eval_every={rl['steps']}", "--set", f"finetune.warmup_steps={min(10, rl['steps'] - 1)}")
-        cli("evaluate", *(f"--checkpoint={a}={s / a / 'model'}" for a in ARMS), "--data", str(root / "heldout.jsonl"),
-            "--out", str(s / "evaluate"), *p, "--set", "evaluate.max_rows=0")
+        cli("evaluate", *(f"--checkpoint={a}={base if a == 'base' else s / a / 'model'}" for a in ARMS),
+            "--data", str(root / "heldout.jsonl"), "--out", str(s / "evaluate"), *p, "--set", "evaluate.max_rows=0")
         results[seed] = json.loads((s / "evaluate/metrics.json").read_text())
         for c in jsonl(s / "evaluate/completions.jsonl"):
             correct.setdefault(seed, {}).setdefault(c["stage"], []).append(bool(c["correct"]))
-            if not c["correct"]:
+            if not c["correct"] and not args.base_model:  # the anatomy of errors reads the synthetic steps
                 kind = first_error(c["completion"], reference[c["id"]], facts)
                 errors.setdefault(c["stage"], Counter())[kind] += 1
         rows = jsonl(s / "reinforce/metrics.jsonl")
         sampled = [r for r in rows if r.get("resampled")]
-        sel = json.loads(selection.read_text()) if selection.is_file() else None
+        sel = json.loads(selection.read_text())
+        sel = sel if sel["samples"] else None
         diag[seed] = {"selection": sel, "flat": statistics.mean(r["flat_groups"] for r in sampled),
                       "dropped": statistics.mean(r.get("dropped", 0.0) for r in sampled),
                       "generate": statistics.mean(r["time_generate"] for r in sampled),
@@ -154,7 +173,8 @@ def main() -> None:
 
     first = results[args.seeds[0]]
     k = next((key[len("base_pass"):] for key in first if key.startswith("base_pass") and key != "base_pass1"), None)
-    print(f"\nHeld-out problems with unseen operand combinations: {len(held)}; seeds {args.seeds}; preset "
+    what = f"from {args.data}" if args.base_model else "with unseen operand combinations"
+    print(f"\nHeld-out problems {what}: {len(held)}; seeds {args.seeds}; preset "
           f"{args.preset} {' '.join(args.set)}; GRPO {rl['steps']} steps x {rl['prompts_per_step']} prompts x "
           f"{rl['group_size']} samples\n")
     measures = ["accuracy", "pass1", *([f"pass{k}"] if k else [])]
@@ -185,13 +205,14 @@ def main() -> None:
           f"{'MET' if met_base else 'NOT MET'}; above both controls on every seed: "
           f"{'MET' if met_controls else 'NOT MET'}")
 
-    kinds = ("misread", "arithmetic, seen fact", "arithmetic, unseen fact", "answer line")
-    print("\nWhere wrong greedy answers first go wrong, summed over seeds (misread: a step's operands or "
-          "operation are not the story's)\n")
-    print("arm | " + " | ".join(kinds))
-    print("---|" + "---|" * len(kinds))
-    for arm in ARMS:
-        print(f"{arm} | " + " | ".join(str(errors.get(arm, Counter())[k]) for k in kinds))
+    if not args.base_model:  # the anatomy of errors reads the synthetic problems' steps
+        kinds = ("misread", "arithmetic, seen fact", "arithmetic, unseen fact", "answer line")
+        print("\nWhere wrong greedy answers first go wrong, summed over seeds (misread: a step's operands or "
+              "operation are not the story's)\n")
+        print("arm | " + " | ".join(kinds))
+        print("---|" + "---|" * len(kinds))
+        for arm in ARMS:
+            print(f"{arm} | " + " | ".join(str(errors.get(arm, Counter())[k]) for k in kinds))
 
     print("\nGRPO diagnostics per seed (selection before the stage; per sampled batch)\n")
     print("seed | prompts never / sometimes / always solved | trained on | flat groups | dropped | "

@@ -153,7 +153,8 @@ class ReinforceConfig:
     completions of every training prompt with the starting model (at `temperature`) and train on
     the prompts whose solve rate lies within [select_min, select_max]; 0 keeps every prompt. A
     prompt the model never or always solves gives a group of equal rewards: no gradient. The
-    bands are logged and written to <out>/selection.json."""
+    bands are logged; <out>/selection.json lists every prompt's rate and whether it was kept
+    (without a selection: every prompt, kept)."""
     select_prompts: int = 0
     """Selection measures at most this many training prompts (a seeded random subset) and trains
     on those of them in the band; 0 measures every prompt. Bounds its cost on a large data set or

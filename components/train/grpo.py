@@ -2,8 +2,9 @@
 
 For each prompt q, sample a group of G completions o_1..o_G from the sampling policy pi_old,
 score each with rule-based rewards r_i (components/train/rewards.py), and normalise within the
-group:  A_i = (r_i - mean(r)) / (std(r) + eps),  the advantage of every token of o_i.
-The loss, per completion the mean over its tokens t, then the mean over completions:
+group:  A_i = (r_i - mean(r)) / (std(r) + eps),  the advantage of every token of o_i (r_i - mean(r)
+with scale_advantages false, the default). The loss, per completion the mean over its tokens t,
+then the mean over completions (or the mean over all a group's tokens: loss_norm token, the default):
 
     ratio_t = pi(o_t | q, o_<t) / pi_old(o_t | q, o_<t)
     L_t     = -min(ratio_t A_i, clip(ratio_t, 1 - eps_clip, 1 + eps_clip) A_i) + beta KL_t
@@ -12,6 +13,13 @@ The loss, per completion the mean over its tokens t, then the mean over completi
 pi_ref is a frozen copy of the starting policy, refreshed from the policy every
 `ref_update_every` steps. Each sampled batch serves `updates_per_batch` (mu) optimizer steps: the
 first has ratio 1, later ones see the ratio move and the clip bite.
+
+Which prompts: a prompt the model always or never solves gives a group of equal rewards and no
+gradient, so before the first step each training prompt's solve rate under the starting model is
+estimated from `select_samples` completions and the stage trains on those within
+[select_min, select_max] (`select`, written to <out>/selection.json). During the stage, dynamic
+sampling (DAPO, arXiv 2503.14476) drops a sampled group whose rewards are all equal and draws
+new prompts in its place, up to `resample_rounds` more draws per batch.
 
 Rollouts: a step's prompts are drawn from one length bucket (the first uniformly over all
 prompts, the rest uniformly among prompts of its token length), so every prompt is equally

@@ -74,7 +74,7 @@ def encode_pairs(rows: list[dict], tok) -> tuple[list[list[int]], list[int]]:
 def _outputs(out: Path) -> dict[str, Path]:
     """What the stage's manifest records: model/, metrics.jsonl and, with LoRA, adapter/."""
     found = {"model": out / "model", "metrics": out / "metrics.jsonl"}
-    if (out / "selection.json").is_file():
+    if (out / "selection.json").is_file():  # reinforce: the prompts it trained on
         found["selection"] = out / "selection.json"
     return {**found, "adapter": out / "adapter"} if (out / "adapter").is_dir() else found
 
@@ -110,8 +110,11 @@ def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: s
             log.info(f"reinforce: solve rates in {sel['samples']} samples: {b['never']} never, {b['sometimes']} "
                      f"sometimes, {b['always']} always solved (mean {sel['mean_rate']:.3f}); training on the "
                      f"{sel['kept']} within [{cfg.select_min}, {cfg.select_max}]")
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "selection.json", sel)
+        else:  # the same file without a selection, so the stage's outputs do not depend on it
+            sel = {"samples": 0, "prompts": len(objective.prompts), "kept": len(objective.prompts),
+                   "rows": [{"id": p.id, "rate": None, "kept": True} for p in objective.prompts]}
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "selection.json", sel)
     train_cfg = cfg.train_config()
     val = _val_batches(_rows(data_dir, "val.jsonl"), tok, model_cfg.block_size, 8, cfg.seed)
     summary = train(model_cfg, train_cfg, objective, val, tok, out, progress=progress, init=state,

@@ -53,6 +53,8 @@ def test_reinforce_with_growth_then_finetune_then_evaluate_and_generate(trained)
     assert rl_cfg["n_layer"] == json.loads((root / "base/model/model.json").read_text())["n_layer"] + 1
     manifest = json.loads((root / "rl/manifest.json").read_text())
     assert manifest["step"] == "train.reinforce" and "final_reward" in manifest["metrics"]
+    sel = json.loads((root / "rl/selection.json").read_text())  # no selection in the tiny preset: every prompt
+    assert sel["samples"] == 0 and sel["kept"] == sel["prompts"] == len(sel["rows"]) > 0
 
     ok(cli("train", "--stage", "finetune", "--init", str(root / "rl/model"), "--data", split,
            "--out", str(root / "ft")))
