@@ -1,6 +1,6 @@
 """Does reinforcement beat its starting checkpoint? A controlled comparison, 3 seeds, one run.
 
-    .venv/bin/python benchmarks/stages.py                      # 3 seeds, the small preset (~1.5 h on 2 cores)
+    .venv/bin/python benchmarks/stages.py                      # 3 seeds, the small preset (75 min on 2 cores)
     .venv/bin/python benchmarks/stages.py --seeds 0 --heldout 300 --set reinforce.steps=20   # a quick look
     # an imported model on GSM8K (a GPU run: README "Your own model" makes the model and the split)
     .venv/bin/python benchmarks/stages.py --base-model models/smollm2 --data data/gsm8k/split --heldout 1319 \
