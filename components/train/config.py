@@ -148,7 +148,7 @@ class ReinforceConfig:
     below; random: the accuracy term replaced by a fair coin per completion, a control (as in
     "Spurious Rewards", Shao et al. 2025): a gain that a random reward gives as well is not the
     verifier's doing. The logged accuracy is always the real one."""
-    select_samples: int = 8
+    select_samples: int = 4
     """Prompt selection at the edge of competence: before the first step, sample this many
     completions of every training prompt with the starting model (at `temperature`) and train on
     the prompts whose solve rate lies within [select_min, select_max]; 0 keeps every prompt. A
