@@ -3,7 +3,8 @@
 A canonical row is a dict with four string fields: `id`, `prompt`, `response`, `answer` (any of
 the last three may be None when the source leaves it empty; the validator quarantines those).
 The loader refuses anything structural, naming the file, the line (or row) and the field:
-undecodable UTF-8, a malformed JSON line, a record over `max_record_bytes`, a missing or extra
+undecodable UTF-8, a malformed JSON line, a key named twice in one JSON object (json would keep
+the last silently), a record over `max_record_bytes`, a missing or extra
 column, a value of the wrong type, an empty file. Content problems (empty text, an answer that
 does not parse) are left to the validator, which quarantines rows instead of failing the batch.
 
@@ -114,6 +115,23 @@ def _decode(raw: bytes, where: str, first: bool = True) -> str:
         raise DataError(f"{where}: invalid UTF-8 at byte {err.start} ({raw[err.start:err.start + 4]!r})") from None
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: an object (at any depth) that names a key twice is refused, where
+    json.loads would silently keep the last value."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _iter_jsonl(path: Path, cfg: SourceConfig, keep_extra: bool = False) -> Iterator[Row]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -125,7 +143,10 @@ def _iter_jsonl(path: Path, cfg: SourceConfig, keep_extra: bool = False) -> Iter
             if not text:
                 continue  # blank lines are allowed between records
             try:
-                record = json.loads(text)
+                record = json.loads(text, object_pairs_hook=_unique_keys)
+            except _DuplicateKey as err:
+                raise DataError(f"{where}: duplicate key {_short(err.key)} in one object (which value is meant "
+                                f"is ambiguous); keep one") from None
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: malformed JSON at column {err.colno}: {err.msg}") from None
             except (ValueError, RecursionError) as err:  # an integer past Python's digit limit, deep nesting

@@ -188,6 +188,27 @@ def test_json_line_that_is_not_an_object(tmp_path):
     assert at_line(msg, path, 2) and "expected a JSON object, got list" in msg
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["id", "prompt", "response", "answer"]) | st.text(min_size=1, max_size=8),
+       nested=st.booleans(), line=st.integers(1, 3))
+def test_a_key_named_twice_in_one_object_is_an_error_naming_line_and_key(tmp_path, key, nested, line):
+    # json.loads would silently keep the last value; which one the author meant is ambiguous
+    twice = f'{{{json.dumps(key)}: 1, {json.dumps(key)}: 2}}'
+    bad = ('{"id": "d", "prompt": "p", "response": "r", "answer": "1", "meta": ' + twice + "}" if nested
+           else twice[:-1] + ', "zz-id": "d"}')
+    lines = [json.dumps(r) for r in ROWS[:2]]
+    lines.insert(line - 1, bad)
+    path = write_lines(tmp_path / f"dup-{line}.jsonl", lines)
+    msg = data_error(path, SourceConfig(strict_columns=False))
+    assert at_line(msg, path, line) and "duplicate key" in msg and repr(key)[:20] in msg
+
+
+def test_the_same_key_in_different_objects_is_fine(tmp_path):
+    record = {**ROWS[0], "extra": {"id": 1, "n": {"id": 2}}}
+    path = write_lines(tmp_path / "r.jsonl", [json.dumps(record)])
+    assert load_rows(path, SourceConfig(strict_columns=False))[0]["prompt"] == ROWS[0]["prompt"]
+
+
 def test_huge_integer_literal_is_a_data_error(tmp_path):
     # json.loads raises a plain ValueError (not JSONDecodeError) past Python's int digit limit
     path = write_lines(tmp_path / "r.jsonl", [json.dumps(ROWS[0]), '{"id": ' + "9" * 5000 + "}"])
