@@ -5,6 +5,7 @@
         optimizer-rank00000.safetensors  every tensor of that rank's optimizer state
         state-rank00000.json           the rest of that rank's state: the optimizer's structure,
                                        scheduler, RNG states, engine counters, caller's extra state
+        hashes.json                    the SHA-256 of every other file, written last
     <root>/latest                      the name of the newest complete checkpoint
 
 Nothing is pickled, so a checkpoint from anywhere can be loaded safely. The optimizer's state
@@ -17,10 +18,18 @@ A checkpoint is written into a temporary folder and renamed into place, then `la
 replaced (write, fsync, rename); a process killed at any moment leaves the previous checkpoint
 complete and named by `latest`. Several ranks: rank 0 makes and publishes the folder, every
 rank writes its own optimizer partition in between, with barriers around.
+
+What the rename cannot promise (a disk that loses unsynced pages in a power cut, a file cut
+short by a full disk, a copy between machines, a hand edit) the hashes catch: before the rename
+rank 0 hashes and fsyncs every file and writes hashes.json; `resume_point` verifies the
+checkpoint `latest` names against them and, when it is damaged, says so in one line, moves it
+aside (`.damaged-step-...`, kept for inspection, never loaded) and takes the newest intact one
+before it. Hashing reads the checkpoint once more on save and on resume (about a second per GB).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -35,6 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+HASHES = "hashes.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -139,10 +149,38 @@ def _dist() -> tuple[int, int, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj))
+
+
+def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path, sync: bool = False) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+        if sync:  # the bytes hashed are the bytes on disk when the checkpoint is published
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _hash_files(folder: Path) -> dict[str, str]:
+    """{relative path: SHA-256} of every file under `folder` (fsynced as it is read)."""
+    return {p.relative_to(folder).as_posix(): _sha256(p, sync=True)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != HASHES}
 
 
 def _engine_parts(engine: Any) -> tuple[torch.nn.Module, Any, Any]:
@@ -200,12 +238,14 @@ def publish(root: str | os.PathLike, step: int, keep: int) -> Path:
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     barrier()
     if rank == 0:
+        _write_json(tmp / HASHES, {"sha256": _hash_files(tmp)})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n", encoding="utf-8")
+        _write_text(pointer, final.name + "\n")
         os.replace(pointer, root / LATEST)
+        _fsync_dir(root)
         for old in checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -230,6 +270,66 @@ def latest(root: str | os.PathLike) -> Path | None:
             return named
     found = checkpoints(root)
     return found[-1] if found else None
+
+
+def damage(path: str | os.PathLike) -> str | None:
+    """Why checkpoint folder `path` may not be loaded (a file missing, cut short or changed since it
+    was saved, or no readable hashes.json), or None when every recorded file has its hash."""
+    path = Path(path)
+    try:
+        recorded = json.loads((path / HASHES).read_text(encoding="utf-8"))["sha256"]
+        if not isinstance(recorded, dict) or not recorded:
+            raise ValueError("no files recorded")
+    except FileNotFoundError:
+        return f"no {HASHES} (written before checkpoints recorded their hashes, or damaged)"
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        return f"{HASHES} is unreadable ({type(err).__name__})"
+    for name, digest in sorted(recorded.items()):
+        file = path / name
+        if not isinstance(name, str) or name.startswith("/") or ".." in Path(name).parts:
+            return f"{HASHES} names {name!r}, outside the checkpoint"
+        if not file.is_file():
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} does not match its recorded hash (cut short or changed since it was saved)"
+    return None
+
+
+def resume_point(root: str | os.PathLike, log: Any = None) -> Path | None:
+    """The newest intact checkpoint under `root` (None: none), verified against its hashes.
+
+    A damaged one on the way is reported in one line (`log.warning`) and moved aside to
+    `.damaged-step-NNNNNNNN[-k]` (not listed, never loaded again), and `latest` is pointed at the
+    one chosen. Rank 0 verifies; the other ranks of a distributed run get its choice."""
+    root = Path(root)
+    rank, world, barrier = _dist()
+    chosen = None
+    if rank == 0:
+        for path in reversed(checkpoints(root)):  # a folder renamed in before `latest` moved is complete too
+            why = damage(path)
+            if why is None:
+                chosen = path
+                break
+            aside = root / f".damaged-{path.name}"
+            k = 1
+            while aside.exists():
+                aside, k = root / f".damaged-{path.name}-{k}", k + 1
+            os.replace(path, aside)
+            if log is not None:
+                log.warning(f"checkpoint {path}: damaged, {why}; moved to {aside.name}, "
+                            f"resuming from the one before it")
+        pointer_file = root / LATEST
+        named = pointer_file.read_text(encoding="utf-8").strip() if pointer_file.is_file() else None
+        if chosen is not None and named != chosen.name:
+            pointer = root / f".{LATEST}.tmp"
+            _write_text(pointer, chosen.name + "\n")
+            os.replace(pointer, root / LATEST)
+    if world > 1:  # every rank resumes from rank 0's choice
+        step = torch.tensor([int(chosen.name[5:]) if chosen is not None else -1], dtype=torch.long)
+        torch.distributed.broadcast(step, src=0)
+        barrier()
+        chosen = root / f"step-{int(step):08d}" if int(step) >= 0 else None
+    return chosen
 
 
 def read_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load_file
 
 from components.train import checkpoint
@@ -37,8 +38,9 @@ def test_resume_is_exact_under_zero(tmp_path, procs, stage):
     names = [k.removeprefix("straight.") for k in params if k.startswith("straight.")]
     assert names and all(torch.equal(params[f"straight.{n}"], params[f"resumed.{n}"]) for n in names)
     saved = sorted(p.name for p in (tmp_path / "ckpt" / "step-00000005").iterdir())
-    assert saved == ["model.safetensors"] + [f"optimizer-rank{r:05d}.safetensors" for r in range(procs)] + \
-        [f"state-rank{r:05d}.json" for r in range(procs)]
+    assert saved == ["hashes.json", "model.safetensors"] + \
+        [f"optimizer-rank{r:05d}.safetensors" for r in range(procs)] + [f"state-rank{r:05d}.json" for r in range(procs)]
+    assert checkpoint.damage(tmp_path / "ckpt" / "step-00000005") is None
 
 
 def _plain(seed: int = 0):
@@ -132,3 +134,84 @@ def test_flatten_round_trips_nested_state():
     back = checkpoint.unflatten(json.loads(json.dumps(tree)), tensors, state)
     assert back["a"][1] == (1, "x", None) and back[3]["c"] == 2.5
     assert torch.equal(back["a"][0], torch.ones(2)) and back[3]["b"].dtype == torch.bfloat16
+
+
+class Lines:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def warning(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def _three(root: Path) -> Plain:
+    engine = Plain()
+    for step in (1, 2, 3):
+        engine.step()
+        checkpoint.save(root, step, engine)
+    return engine
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(file=st.sampled_from(["model.safetensors", "optimizer-rank00000.safetensors", "state-rank00000.json",
+                             "hashes.json"]),
+       how=st.sampled_from(["truncate", "flip", "delete", "empty", "append"]), where=st.floats(0, 1),
+       newest_two=st.booleans())
+def test_a_damaged_checkpoint_is_reported_moved_aside_and_the_newest_intact_one_resumes(
+        tmp_path_factory, file, how, where, newest_two):
+    root = tmp_path_factory.mktemp("ckpt")
+    _three(root)
+    damaged = ["step-00000003", "step-00000002"] if newest_two else ["step-00000003"]
+    for name in damaged:
+        target = root / name / file
+        data = target.read_bytes()
+        at = min(int(where * len(data)), len(data) - 1)
+        if how == "truncate":
+            target.write_bytes(data[:at])
+        elif how == "flip":
+            target.write_bytes(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:])
+        elif how == "delete":
+            target.unlink()
+        elif how == "empty":
+            target.write_bytes(b"")
+        else:
+            target.write_bytes(data + b"\0")
+        if how == "append" and file == "hashes.json":  # trailing junk after the JSON: still damaged
+            assert checkpoint.damage(root / name) is not None
+    lines = Lines()
+    good = checkpoint.resume_point(root, lines)
+    intact = "step-00000001" if newest_two else "step-00000002"
+    assert good == root / intact
+    assert (root / "latest").read_text().strip() == intact
+    assert [p.name for p in checkpoint.checkpoints(root)] == sorted({"step-00000001", "step-00000002"} - set(damaged))
+    assert sorted(p.name for p in root.glob(".damaged-*")) == [f".damaged-{n}" for n in sorted(damaged)]
+    assert len(lines.lines) == len(damaged) and all("\n" not in line for line in lines.lines)
+    assert all(f"checkpoint {root / n}: damaged" in line for n, line in zip(damaged, lines.lines))
+    assert checkpoint.load(good, Plain())["step"] == int(intact[-1])
+
+
+def test_no_intact_checkpoint_starts_afresh_and_an_intact_one_is_left_alone(tmp_path):
+    _three(tmp_path)
+    assert checkpoint.resume_point(tmp_path) == tmp_path / "step-00000003"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001", "step-00000002", "step-00000003"]
+    for path in checkpoint.checkpoints(tmp_path):
+        (path / "hashes.json").unlink()
+    lines = Lines()
+    assert checkpoint.resume_point(tmp_path, lines) is None
+    assert [line.split(": damaged, ")[1].split(";")[0] for line in lines.lines] == \
+        ["no hashes.json (written before checkpoints recorded their hashes, or damaged)"] * 3
+    assert checkpoint.resume_point(tmp_path / "nothing") is None
+
+
+def test_a_checkpoint_published_before_latest_moved_is_taken(tmp_path):
+    _three(tmp_path)
+    (tmp_path / "latest").write_text("step-00000002\n")  # killed between the rename and the pointer
+    assert checkpoint.resume_point(tmp_path) == tmp_path / "step-00000003"
+    assert (tmp_path / "latest").read_text().strip() == "step-00000003"
+
+
+def test_hashes_naming_a_path_outside_the_checkpoint_are_damage(tmp_path):
+    _three(tmp_path)
+    path = tmp_path / "step-00000003"
+    (path / "hashes.json").write_text(json.dumps({"sha256": {"../step-00000002/model.safetensors": "0" * 64}}))
+    assert "outside the checkpoint" in checkpoint.damage(path)
