@@ -16,9 +16,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from components.errors import InputError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 MANIFEST = "manifest.json"
 
@@ -73,7 +77,7 @@ def source_digest() -> str:
     return h.hexdigest()[:16]
 
 
-class OutputError(ValueError):
+class OutputError(InputError, ValueError):
     """An output path that a step refuses to write: it would destroy something it did not make."""
 
 
@@ -96,6 +100,96 @@ def check_output(final: Path, inputs: tuple[str | os.PathLike, ...] = ()) -> Non
                               f"{', ...' if len(foreign) > 3 else ''}) and no {MANIFEST}; refusing to replace it")
 
 
+_HELD: dict[str, tuple[int, int]] = {}  # lock file -> (fd, depth): this process's holds
+
+
+def _holder(lock: Path) -> str:
+    try:
+        info = json.loads(lock.read_text(encoding="utf-8"))
+        return (f"process {int(info['pid'])} on {str(info['host'])[:64]} since {str(info['since'])[:32]} "
+                f"({str(info['command'])[:120]})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def hold(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold output folder `folder` for this process: a second process (another run of any step
+    writing there) is refused at once with an OutputError naming the holder, instead of both
+    writing into it. The hold is an flock on `<parent>/.<name>.lock`, which the kernel releases
+    when the holder exits however it exits, so a crashed run leaves nothing that blocks the next
+    (the file itself is removed on a clean release; a leftover one holds no lock). Re-entrant
+    within a process; not a lock across machines unless the file system honours flock (local
+    disks and NFSv4 do)."""
+    import fcntl
+    import socket
+    import sys
+
+    folder = Path(folder)
+    if not folder.name or folder.name in (".", ".."):
+        raise OutputError(f"{folder}: an output folder needs a name of its own")
+    lock = folder.parent / f".{folder.name}.lock"
+    key = os.path.abspath(lock)
+    if key in _HELD:
+        fd, depth = _HELD[key]
+        _HELD[key] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _HELD[key]
+            _HELD[key] = (fd, depth - 1)
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"{folder}: in use by {_holder(lock)}; wait for it to finish, or write to "
+                              f"another output folder") from None
+        try:  # the file we locked may have been removed by a holder releasing it meanwhile: retry
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    info = {"pid": os.getpid(), "host": socket.gethostname(),
+            "since": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)[:500]}
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(info).encode())
+    _HELD[key] = (fd, 1)
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        try:
+            os.unlink(lock)  # while still holding it: a waiter that opened this file sees it go, and retries
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def holds(arg: str) -> Callable[[F], F]:
+    """Decorate a step function so that it holds its output folder (the argument named `arg`) while
+    it runs; in a distributed run only rank 0 holds it (every rank of one run writes there)."""
+    import functools
+    import inspect
+
+    def wrap(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if os.environ.get("RANK", "0") != "0":
+                return fn(*args, **kwargs)
+            with hold(signature.bind(*args, **kwargs).arguments[arg]):
+                return fn(*args, **kwargs)
+        return run  # type: ignore[return-value]
+    return wrap
+
+
 def _umask() -> int:
     """The process's umask, read without changing it (os.umask would, for every thread, a moment)."""
     try:
@@ -116,6 +210,12 @@ def atomic_dir(final: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] =
     """
     final = Path(final)
     check_output(final, inputs)
+    with hold(final):
+        check_output(final, inputs)  # again, now that no other process can be writing it
+        yield from _atomic_dir(final)
+
+
+def _atomic_dir(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; an output folder is for everyone who may read it

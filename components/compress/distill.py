@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from components.artifacts import finish, sha256_file
+from components.artifacts import finish, holds, sha256_file
 from components.compress.config import DistillConfig
 from components.config import ConfigError
 from components.console import log
@@ -159,6 +159,7 @@ def teacher_rows(teacher: Transformer, tok, rows: list[dict], max_new_tokens: in
     return out
 
 
+@holds("out_dir")
 def run(cfg: DistillConfig, teacher_dir: str | os.PathLike, data_dir: str | os.PathLike,
         out_dir: str | os.PathLike, progress: bool = True, fresh: bool = False,
         eval_rows: int = 200, student_dir: str | os.PathLike | None = None) -> dict[str, Any]:

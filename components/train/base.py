@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from components.artifacts import check_output, finish
+from components.artifacts import check_output, finish, holds
 from components.console import log
-from components.data.load import DataError, load_canonical
+from components.data.load import DataError, inside_folder, load_canonical
 from components.model import BPETokenizer, ByteTokenizer, ModelConfig, load_tokenizer
 from components.train.batches import Curriculum, RowBatches, StreamBatches, difficulty
 from components.train.config import TokenizerConfig, TrainConfig
@@ -50,6 +50,7 @@ def make_tokenizer(cfg: TokenizerConfig, texts: list[str], folder: Path, resumin
     return tok
 
 
+@holds("out_dir")
 def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig, out_dir: str | os.PathLike,
         data_dir: str | os.PathLike | None = None, text: str | os.PathLike | None = None,
         progress: bool = True, fresh: bool = False, init_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
     rank0 = os.environ.get("RANK", "0") == "0"
     if text is not None:
         try:
-            corpus = Path(text).read_text(encoding="utf-8")
+            corpus = inside_folder(text).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise DataError(f"{text}: cannot read the text corpus: {err}") from None
         tok = init_tok if init is not None else make_tokenizer(tok_cfg, [corpus], out / "tokenizer", resuming)

@@ -35,7 +35,7 @@ from components.artifacts import atomic_dir
 from components.config import ConfigError
 from components.console import Progress, log
 from components.model import ModelConfig, Transformer, lora
-from components.train import checkpoint
+from components.train import checkpoint, opbuild
 from components.train.batches import Batch
 from components.train.config import TrainConfig
 from components.train.precision import resolve as resolve_precision
@@ -98,8 +98,10 @@ def mean_over_ranks(value: float, world: int) -> float:
 
 def _single_process_group() -> None:
     """A one-rank gloo group when no launcher set one up (CLI, KFP component, tests); and no
-    build of DeepSpeed's shared-memory op (`_skip_shm_op`)."""
+    build of DeepSpeed's shared-memory op (`_skip_shm_op`), nor a wait on a dead build's lock
+    (components/train/opbuild.py)."""
     _skip_shm_op()
+    opbuild.guard()
     if "RANK" in os.environ or (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     with socket.socket() as s:
@@ -287,7 +289,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
     run_id = {"fingerprint": run_fingerprint(model_cfg, cfg, stage, init, par.topology.dp if par else None),
               "data": objective.fingerprint()}
     extra_modules = objective.modules()
-    resume_from = checkpoint.latest(out / "checkpoints")
+    resume_from = checkpoint.resume_point(out / "checkpoints", log if rank == 0 else None)
     if resume_from is not None:
         if par is not None:
             par_state.check_resumable(resume_from, run_id)

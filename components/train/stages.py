@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from components.artifacts import check_output, finish, write_json
+from components.artifacts import check_output, finish, holds, write_json
 from components.console import log
 from components.data.load import DataError, load_canonical
 from components.model import Transformer
@@ -88,6 +88,7 @@ def _lora(cfg):
     return lambda model: add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
 
 
+@holds("out_dir")
 def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: str | os.PathLike,
                   out_dir: str | os.PathLike, progress: bool = True, fresh: bool = False) -> dict[str, Any]:
     from components.train.grpo import GRPO, MIN_COMPLETION
@@ -133,6 +134,7 @@ def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: s
     return summary
 
 
+@holds("out_dir")
 def run_finetune(cfg: FinetuneConfig, init_dir: str | os.PathLike, data_dir: str | os.PathLike,
                  out_dir: str | os.PathLike, progress: bool = True, fresh: bool = False) -> dict[str, Any]:
     out, data_dir = Path(out_dir), Path(data_dir)

@@ -9,11 +9,15 @@ import json
 import sys
 from pathlib import Path
 
-import deepspeed
-import torch
-from safetensors.torch import save_file
+from components.train.engine import _skip_shm_op
 
-from components.train import checkpoint
+_skip_shm_op()  # as every training start: no compile of DeepSpeed's shm op (minutes), no wait on its lock
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from components.train import checkpoint  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
 out, stage = Path(args[0]), int(args[1])

@@ -59,3 +59,34 @@ def test_train_resume_keeps_the_tokenizer_and_refuses_foreign_folders(tmp_path):
     refused = _train(data, foreign)
     assert refused.returncode == 1 and "no manifest.json" in refused.stderr
     assert sorted(p.name for p in foreign.iterdir()) == ["cat.jpg"]
+
+
+def _split(tmp_path: Path) -> Path:
+    rows, _ = generate(GenerateConfig(rows=120, noise=0.0))
+    data = tmp_path / "split"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", [{**r, "weight": 1.0} for r in rows[:100]])
+    write_jsonl(data / "val.jsonl", rows[100:])
+    return data
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_training_ends_as_if_it_never_was(tmp_path):
+    from components.artifacts import hold
+
+    data, out = _split(tmp_path), tmp_path / "base"
+    assert _train(data, out).returncode == 0
+    straight = (out / "model" / "model.safetensors").read_bytes()
+    newest = out / "checkpoints" / "step-00000006"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # cut short, as a full disk or a lost page leaves it
+    with hold(out):  # another process holds the folder: refused at once, nothing touched
+        busy = _train(data, out)
+    assert busy.returncode == 1 and f"in use by process {os.getpid()}" in busy.stderr
+    assert len(busy.stderr.strip().splitlines()) == 1 and newest.is_dir()
+    again = _train(data, out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "step-00000006: damaged, model.safetensors does not match its recorded hash" in again.stderr
+    assert "resuming from" in again.stderr and "step-00000003" in again.stderr
+    assert (out / "checkpoints" / ".damaged-step-00000006").is_dir()
+    assert (out / "model" / "model.safetensors").read_bytes() == straight  # steps 4-6 again, bit for bit
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
