@@ -15,11 +15,77 @@ import types
 import typing
 from typing import Any, TypeVar
 
+from components.errors import ParameterError, excerpt
+
 T = TypeVar("T")
 
+MAX_YAML_BYTES = 1 << 20
+"""Largest parameters file (or `--set` value) read; the repository's params.yaml is ~20 KB."""
+MAX_DEPTH = 32
+"""Deepest nesting of mappings and lists in parameters."""
+MAX_ITEMS = 10_000
+"""Most entries of one mapping or list in parameters."""
+MAX_STRING = 4096
+"""Longest text value (or key) in parameters."""
 
-class ConfigError(ValueError):
+
+class ConfigError(ParameterError, ValueError):
     """A configuration value or key that the step configs do not accept."""
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML parameters, read within bounds: at most MAX_YAML_BYTES, no aliases (`*name` repeats a
+    node; nested, a few lines expand to billions of entries), at most MAX_DEPTH levels, MAX_ITEMS
+    entries per mapping or list and MAX_STRING characters per text value; only YAML's plain
+    types (safe_load's). Anything else is a ConfigError naming `where` and the line."""
+    import yaml
+
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {len(text):,} characters; parameters are at most {MAX_YAML_BYTES:,}")
+
+    class Bounded(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"{where}: line {mark.line + 1}: YAML aliases (*name) are not accepted in "
+                                  f"parameters; write the value out")
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"{where}: line {mark.line + 1}: nested deeper than {MAX_DEPTH} levels")
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+            if isinstance(node, yaml.ScalarNode) and len(node.value) > MAX_STRING:
+                raise ConfigError(f"{where}: line {node.start_mark.line + 1}: a value of {len(node.value):,} "
+                                  f"characters; at most {MAX_STRING:,}")
+            if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) and len(node.value) > MAX_ITEMS:
+                raise ConfigError(f"{where}: line {node.start_mark.line + 1}: {len(node.value):,} entries; "
+                                  f"at most {MAX_ITEMS:,}")
+            if isinstance(node, yaml.MappingNode):
+                seen: set[str] = set()
+                for key, _ in node.value:
+                    if isinstance(key, yaml.ScalarNode) and key.value in seen:
+                        raise ConfigError(f"{where}: line {key.start_mark.line + 1}: key {excerpt(key.value)} "
+                                          f"appears twice in one mapping")
+                    seen.add(key.value if isinstance(key, yaml.ScalarNode) else id(key))
+            return node
+
+    try:
+        return yaml.load(text, Loader=Bounded)  # noqa: S506 - a SafeLoader
+    except ConfigError:
+        raise
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{where}: not valid YAML: {at}{err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(err).split())[:200]}") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise ConfigError(f"{where}: {str(err)[:200]}") from None
 
 
 def _type_name(tp: Any) -> str:
@@ -41,7 +107,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {excerpt(value)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
@@ -49,32 +115,32 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {excerpt(value)}")
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp) or (Any, Any)
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {excerpt(value)}")
         return {_coerce(k, key_tp, f"{where}.<key>"): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {excerpt(value)}")
         return value
     if tp is int:
         if isinstance(value, float) and value.is_integer():
             return int(value)  # KFP passes dict parameters as protobuf Structs: every number is a float
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {excerpt(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {excerpt(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {excerpt(value)}")
         return value
     raise ConfigError(f"{where}: unsupported annotation {tp!r}")  # a bug in a config class
 
@@ -87,9 +153,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
+        name = str(key) if len(str(key)) <= 64 else str(key)[:64] + "..."
+        path = f"{where}.{name}" if where else name
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            close = difflib.get_close_matches(name, list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(fields))}"
             raise ConfigError(f"{path}: unknown key{hint}")
         kwargs[key] = _coerce(value, hints[key], path)

@@ -46,14 +46,16 @@ import yaml
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from components.config import ConfigError, deep_merge  # noqa: E402
+from components.config import ConfigError, deep_merge, load_yaml  # noqa: E402
+from components.errors import command, excerpt  # noqa: E402
 from pipelines.params import PipelineParams, load_params  # noqa: E402
 
 
-def _yaml_value(text: str) -> Any:
-    """A `--set` value as YAML reads it, except that numbers in exponent form without a dot, which
-    YAML 1.1 reads as text ("1e-3"), are numbers, as anyone typing them means."""
-    value = yaml.safe_load(text)
+def _yaml_value(text: str, key: str) -> Any:
+    """A `--set` value as YAML reads it (within the bounds of params files: no aliases, ...),
+    except that numbers in exponent form without a dot, which YAML 1.1 reads as text ("1e-3"),
+    are numbers, as anyone typing them means."""
+    value = load_yaml(text, f"--set {key}")
     if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
         return float(value)
     return value
@@ -64,17 +66,45 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. filter.folds=3")
+        parts = key.strip().split(".")
+        if not sep or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", part) for part in parts) or len(parts) > 8:
+            raise ConfigError(f"--set {excerpt(pair)}: expected KEY=VALUE with a dotted key of names, "
+                              f"e.g. filter.folds=3")
         node: dict[str, Any] = {}
         leaf = node
-        parts = key.split(".")
         for part in parts[:-1]:
             leaf[part] = {}
             leaf = leaf[part]
-        leaf[parts[-1]] = _yaml_value(value)
+        leaf[parts[-1]] = _yaml_value(value, key.strip())
         out = deep_merge(out, node)
     return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line with status 2, like every other parameter error
+    (its subcommands' parsers are of the same class)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: parameter error: {message} (see {self.prog} --help)\n")
+
+
+def _writable(path: str, option: str) -> None:
+    """Refuse, before any work, an output path that cannot be made: under a file, or in a folder
+    this process may not write (tried for real: a temporary folder made and removed)."""
+    import tempfile
+
+    if not str(path).strip():
+        raise ConfigError(f"{option}: empty; give a path")
+    target = Path(path).absolute()
+    folder = target if target.is_dir() else target.parent
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {path}: cannot be created: {folder} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".distillery-probe-", dir=folder))
+    except OSError as err:
+        raise ConfigError(f"{option} {path}: cannot be written: {folder}: {err.strerror}") from None
 
 
 def _params(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> PipelineParams:
@@ -483,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one parameter, e.g. --set filter.folds=3 (repeatable)")
     common.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    parser = argparse.ArgumentParser(prog="distillery", description=__doc__.split("\n\n")[0],
+    parser = _Parser(prog="distillery", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the launcher puts it first
     sub = parser.add_subparsers(dest="command", required=True)
@@ -649,25 +679,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command("distillery")
 def main(argv: list[str] | None = None) -> int:
-    from components.artifacts import OutputError
-    from components.data.load import DataError
-    from components.data.validate import GateFailed
-    from components.registry.errors import RegistryError
-    from components.serve.errors import ServeError
-    from pipelines.local import PipelineFailed
-    from pipelines.submit import SubmitError
-
+    """Every command: bad input or parameters end in one line and status 1 or 2 (components/errors.py)."""
     args = build_parser().parse_args(argv)
-    try:
-        code = args.func(args)
-    except ConfigError as err:
-        print(f"distillery: parameter error: {err}", file=sys.stderr)
-        return 2
-    except (DataError, GateFailed, OutputError, PipelineFailed, RegistryError, ServeError, SubmitError) as err:
-        print(f"distillery: {err}", file=sys.stderr)
-        return 1
-    return code or 0
+    for option, attr in (("--out", "out"), ("--repository", "repository")):
+        if isinstance(getattr(args, attr, None), str) and (attr == "out" or args.func is cmd_export):
+            _writable(getattr(args, attr), option)
+    return args.func(args) or 0
 
 
 if __name__ == "__main__":

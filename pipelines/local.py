@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.kfp_io import CHECKPOINT_ENV
+from components.errors import InputError
 from pipelines.params import PipelineParams
 
 PIPELINE_NAME = "distillery"
@@ -43,7 +44,7 @@ REPORTS = {"validate": "report", "filter-rows": "report", "train-base": "loss_cu
 """Each step's HTML artifact, copied to `<run>/reports/<task>.html` so a browser opens it as a page."""
 
 
-class PipelineFailed(RuntimeError):
+class PipelineFailed(InputError, RuntimeError):
     """A task of the local run failed; the console has shown its error and where its log is."""
 
 

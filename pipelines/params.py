@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from components.compress.config import DistillConfig, QuantizeConfig
-from components.config import ConfigError, from_dict, merge, to_dict
+from components.config import MAX_YAML_BYTES, ConfigError, from_dict, load_yaml, merge, to_dict
 from components.data.config import FilterConfig, GenerateConfig, SourceConfig, SplitConfig, ValidateConfig
 from components.model import ModelConfig
 from components.registry.config import RegistryConfig
@@ -95,6 +93,8 @@ def compose(conf: Path, preset: str, overrides: list[str] = ()) -> dict[str, Any
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    for path in sorted(conf.rglob("*.yaml")):  # the same bounds as params.yaml, before Hydra reads them
+        _load(path)
     try:
         with initialize_config_dir(str(conf.resolve()), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=[f"preset={preset}", *overrides])
@@ -103,11 +103,18 @@ def compose(conf: Path, preset: str, overrides: list[str] = ()) -> dict[str, Any
         raise ConfigError(f"{conf}: cannot compose preset {preset!r}: {str(err).splitlines()[0]}") from None
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _load(path: Path) -> Any:
+    """A parameters file, read within components.config.load_yaml's bounds (no aliases, ...)."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; parameters are at most {MAX_YAML_BYTES:,}")
+        return load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read parameters: {err}") from None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    raw = _load(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return raw

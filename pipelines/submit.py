@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from components.config import ConfigError
+from components.errors import InputError
 
 MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 DAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
@@ -55,7 +56,7 @@ CPU_HELP = ("compile for a cluster without GPUs: no accelerators (cluster.gpus_p
 """The --cpu flag of compile, submit and schedule (pipelines/pipeline.py CPU_ONLY)."""
 
 
-class SubmitError(RuntimeError):
+class SubmitError(InputError, RuntimeError):
     """The Kubeflow Pipelines API server could not be reached, refused a request, or a run failed."""
 
 

@@ -44,6 +44,10 @@ class SourceConfig:
         require(self.text_chunk_chars > 0, "text_chunk_chars: must be positive")
 
 
+MAX_GENERATE_ROWS = 5_000_000
+"""The most rows `data generate` writes (about 1.5 GB of JSON lines); real data comes in by ingest."""
+
+
 @dataclass
 class GenerateConfig:
     """The synthetic sample set: verifiable arithmetic word problems with injected noise."""
@@ -76,7 +80,7 @@ class GenerateConfig:
     def check(self) -> None:
         from components.data.generate import NOISE_KINDS
 
-        require(self.rows > 0, "rows: must be positive")
+        require(0 < self.rows <= MAX_GENERATE_ROWS, f"rows: {self.rows} is outside 1..{MAX_GENERATE_ROWS:,}")
         require(0.0 <= self.noise <= 0.9, f"noise: {self.noise} is outside [0, 0.9]")
         require(1 <= self.max_ops <= 6, "max_ops: must be within 1..6")
         require(3 <= self.max_number <= 10_000, "max_number: must be within 3..10000")

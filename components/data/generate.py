@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.config import ConfigError
 from components.data.config import GenerateConfig
 
 HELD_OUT_KINDS = ("wrong_operation", "misread_operand")
@@ -298,12 +299,19 @@ def generate(cfg: GenerateConfig) -> tuple[list[dict], list[dict]]:
     noise_plan = rng.choices(kinds, weights=weights, k=n_noise) if n_noise else []
     n_clean = cfg.rows - n_noise
 
-    clean, seen = [], set()
+    clean, seen, misses = [], set(), 0
     while len(clean) < n_clean:
         p = make_problem(rng, cfg.max_ops, cfg.max_number)
         if p.prompt not in seen:  # clean rows are distinct problems
             seen.add(p.prompt)
             clean.append(p)
+            misses = 0
+        else:
+            misses += 1
+            if misses > 10_000:  # the space of distinct problems is (nearly) exhausted
+                raise ConfigError(f"generate.rows: found only {len(clean):,} distinct problems of the {n_clean:,} "
+                                  f"clean rows asked for with max_ops={cfg.max_ops}, max_number={cfg.max_number}; "
+                                  f"ask for fewer rows, or raise max_number or max_ops")
     spare = [make_problem(rng, cfg.max_ops, cfg.max_number) for _ in range(max(1, n_noise))]  # sources for noise
 
     entries: list[tuple[dict, dict]] = [

@@ -31,12 +31,13 @@ from components.data.config import SourceConfig, ValidateConfig
 from components.data.dedup import normalize
 from components.data.equations import close, final_value, parse_number
 from components.data.load import CANONICAL, Row, load_canonical, load_rows, write_jsonl
+from components.errors import InputError
 
 BAD_CHARS = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd"  # control characters and U+FFFD
 ROW_INDEX = "_row"
 
 
-class GateFailed(RuntimeError):
+class GateFailed(InputError, RuntimeError):
     """The batch failed the validation gate; the message lists the failed expectations."""
 
 

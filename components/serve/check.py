@@ -31,12 +31,14 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
+from components.errors import command
 from components.serve import client as calls
 from components.serve.errors import ServeError
 from components.serve.config import CheckConfig, ExportConfig, ServeConfig
@@ -231,6 +233,7 @@ def run(cfg: ServeConfig, repository: str | os.PathLike, version: int | None = N
     return report
 
 
+@command("serve.check")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Check a Triton repository version in a fresh local server.")
     parser.add_argument("repository")
@@ -240,16 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", default=None, help="write the report JSON here")
     args = parser.parse_args(argv)
     cfg = ServeConfig(export=ExportConfig(name=args.name))
-    try:
-        report = run(cfg, args.repository, args.version, args.model_folder, args.report)
-    except CheckError as err:
-        print(f"FAILED: {err}")
-        raise SystemExit(1) from None
+    report = run(cfg, args.repository, args.version, args.model_folder, args.report)
     print(json.dumps({k: v for k, v in report.items() if k != "probes"}, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
 
 
 def run_step(cfg: ServeConfig, repository: str | os.PathLike, out_dir: str | os.PathLike,

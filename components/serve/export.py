@@ -40,9 +40,11 @@ import datetime as _dt
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
+from components.errors import command
 from components.serve.errors import ExportError
 from components.serve.config import ExportConfig
 
@@ -304,6 +306,7 @@ def run(cfg: ExportConfig, model_folder: str | os.PathLike, repository: str | os
     return summary
 
 
+@command("serve.export")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model_folder")
@@ -317,4 +320,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from components.errors import command
 from components.serve import client as calls
 from components.serve.config import ExportConfig, LoadtestConfig, ServeConfig
 from components.serve.export import MODEL_DIR, model_name, versions
@@ -183,6 +185,7 @@ def run(cfg: ServeConfig, repository: str | os.PathLike, png: str | os.PathLike 
         return run_loadtest(server, repository, cfg.loadtest, cfg.export.name, png)
 
 
+@command("serve.loadtest")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Concurrency sweep of a repository in a fresh local server.")
     parser.add_argument("repository")
@@ -198,4 +201,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import ConfigError
+from components.errors import InputError, command
 
 
 def processes() -> int:
@@ -56,11 +57,12 @@ def run_base(model_cfg, train_cfg, tok_cfg, out_dir: str | os.PathLike, data_dir
                "-m", "components.train.launch", str(spec)]
         code = subprocess.run(cmd).returncode
     if code != 0:
-        raise RuntimeError(f"train base: {nprocs} training processes failed (exit status {code}); "
-                           f"their output is above")
+        raise InputError(f"train base: {nprocs} training processes failed (exit status {code}); "
+                         f"their output is above")
     return json.loads((Path(out_dir) / "metrics.json").read_text(encoding="utf-8"))
 
 
+@command("distillery train")
 def main(argv: list[str] | None = None) -> int:
     """One rank, started by `run_base` through torchrun."""
     from components.config import from_dict

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelines.cli import main
@@ -148,3 +148,88 @@ def test_exponent_numbers_in_set_are_numbers(mantissa, exponent):
         value = _overrides([f"train.lr={text}"])["train"]["lr"]
         assert isinstance(value, float) and value == float(text)
     assert _overrides(["tokenizer.kind=e5"])["tokenizer"]["kind"] == "e5"  # text stays text
+
+
+def _one_line(err: str, limit: int = 800) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and len(lines[0]) <= limit and "Traceback" not in err, err[:2000]
+    return lines[0]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.one_of(st.sampled_from(["filter.folds", "train.lr", "generate", "a..b", "", ".x", "model.n_layer",
+                                      "serve.export.name", "x" * 100]), st.text(max_size=20)),
+       value=st.one_of(st.text(max_size=60), st.sampled_from(
+           ["[1,", "{a: 1", "*x", "&a 1", "!!python/object:os.system x", "1" * 5000, "x" * 5000, "[[[[[[1]]]]]]",
+            "{a: 1, a: 2}", "\t", "'", "1e400", "-.inf", "0x1F", "null", "[" * 100])))
+def test_any_set_value_is_applied_or_refused_in_one_line_with_status_2(capsys, key, value):
+    try:
+        code = main(["params", "--set", f"{key}={value}"])
+    except SystemExit as stop:  # argparse: a value that looks like an option (-x)
+        code = stop.code
+    out = capsys.readouterr()
+    assert code in (0, 2)
+    if code == 2:
+        assert _one_line(out.err).startswith(("distillery: parameter error: ", "distillery params: parameter error: "))
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (BOMB, "line 2: YAML aliases (*name) are not accepted"),  # 9^9 entries once expanded
+    ("filter:\n  folds: 3\nfilter:\n  folds: 4\n", "line 3: key 'filter' appears twice"),
+    ("filter: " + "[" * 200 + "]" * 200 + "\n", "nested deeper than 32 levels"),
+    ("serve:\n  export:\n    name: " + "n" * 100_000 + "\n", "a value of 100,000 characters; at most 4,096"),
+    ("filter: {folds: [" + ", ".join(["1"] * 20_000) + "]}\n", "20,000 entries; at most 10,000"),
+    ("filter:\n  folds: 'x" + "y" * 3000 + "'\n", "expected an integer, got 'xyyyy"),
+    ("x" * (2 << 20), "parameters are at most 1,048,576"),
+    ("filter: {folds: 3\n", "not valid YAML: line 2, column 1"),
+    ("evil: !!python/object/apply:os.system ['true']\n", "could not determine a constructor"),
+])
+def test_params_files_are_read_within_bounds(tmp_path, capsys, text, fragment):
+    params = tmp_path / "params.yaml"
+    params.write_text(text, encoding="utf-8")
+    out = tmp_path / "raw.jsonl"
+    assert main(["data", "generate", "--out", str(out), "--params", str(params)]) == 2
+    line = _one_line(capsys.readouterr().err, limit=400)
+    assert str(params) in line and fragment in line, line
+    assert not out.exists()
+
+
+def test_params_that_are_not_utf8_are_refused(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_bytes(b"filter:\n  folds: \xff\n")
+    assert main(["params", "--params", str(params)]) == 2
+    assert "cannot read parameters" in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("where", ["file/sub/out", "/dev/null/out", ""])
+def test_an_out_that_cannot_be_made_is_refused_before_any_work_with_status_2(tmp_path, capsys, where):
+    (tmp_path / "file").write_text("mine")
+    src = _good_file(tmp_path)
+    out = str(tmp_path / where) if where.startswith("file") else where
+    assert main(["validate", str(src), "--out", out]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("distillery: parameter error: --out") and ("not a folder" in line or "empty" in line)
+    assert (tmp_path / "file").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "good.jsonl"]
+
+
+def test_generated_rows_are_bounded(tmp_path, capsys):
+    out = tmp_path / "raw.jsonl"
+    assert main(["data", "generate", "--out", str(out), "--rows", "1000000000"]) == 2
+    assert "generate.rows: 1000000000 is outside 1..5,000,000" in _one_line(capsys.readouterr().err)
+    assert main(["data", "generate", "--out", str(out), "--rows", "30000", "--set", "generate.max_number=3",
+                 "--set", "generate.max_ops=1", "--set", "generate.noise=0"]) == 2
+    assert "distinct problems" in _one_line(capsys.readouterr().err) and not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["params", "--set"], ["train"], ["validate"], ["nope"], ["params", "--bogus"]])
+def test_usage_errors_are_one_line_with_status_2(capsys, argv):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("distillery") and "parameter error: " in line and "--help" in line

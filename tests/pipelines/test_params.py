@@ -71,7 +71,7 @@ def test_overrides_win(tmp_path):
     ("generate: {rows: three}\npresets: {small: {}}\n", "generate.rows"),
     ("stages: {}\npresets: {small: {}}\n", "stages"),
     ("preset: huge\npresets: {small: {}}\n", "unknown preset 'huge'"),
-    ("generate: [1, 2\n", "cannot read parameters"),
+    ("generate: [1, 2\n", "not valid YAML: line 2"),
 ])
 def test_mistakes_are_named(tmp_path, text, fragment):
     p = tmp_path / "params.yaml"
