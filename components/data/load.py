@@ -5,7 +5,8 @@ the last three may be None when the source leaves it empty; the validator quaran
 The loader refuses anything structural, naming the file, the line (or row) and the field:
 undecodable UTF-8, a malformed JSON line, a key named twice in one JSON object (json would keep
 the last silently), a record over `max_record_bytes`, a missing or extra
-column, a value of the wrong type, an empty file. Content problems (empty text, an answer that
+column, a value of the wrong type, an empty file, a symbolic link out of the file's folder
+(`inside_folder`). Content problems (empty text, an answer that
 does not parse) are left to the validator, which quarantines rows instead of failing the batch.
 
 GSM8K maps as `fields: {prompt: question, response: answer}`: no answer column, so the answer
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from components.data.config import SourceConfig
+from components.errors import InputError
 
 CANONICAL = ("id", "prompt", "response", "answer")
 Row = dict[str, Any]
@@ -33,7 +35,7 @@ SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".par
                   ".pq": "parquet", ".csv": "csv", ".txt": "text", ".text": "text"}
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """Bad input data; the message names the file and, where there is one, the line and field."""
 
 
@@ -221,10 +223,29 @@ def _iter_text(path: Path, cfg: SourceConfig) -> Iterator[Row]:
             yield {"id": content_id(chunk, f"@{start}"), "prompt": chunk, "response": "", "answer": None}
 
 
+def inside_folder(path: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
+    """`path`, refused (DataError) when symbolic links take it out of its data folder `folder`
+    (default: the folder it is named in). A link is followed only when its target, every link
+    resolved, lies inside that folder, or inside a DVC cache (`.../.dvc/cache/...`, where
+    `dvc checkout` with cache.type symlink points); a link elsewhere on the machine, however it
+    is named, is not read: a data file must not become a way to read /etc/shadow or an SSH key
+    into a training set or an error message."""
+    path = Path(path)
+    folder = Path(folder) if folder is not None else path.parent
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    if os.path.commonpath([real, root]) == root:
+        return path
+    parts = Path(real).parts
+    if any(parts[i:i + 2] == (".dvc", "cache") for i in range(len(parts) - 1)):
+        return path
+    raise DataError(f"{path}: is a symbolic link to {real}, outside the data folder {folder}; links are followed "
+                    f"only inside it (or into a DVC cache): copy the file in, or give its real path")
+
+
 def iter_rows(path: str | os.PathLike, cfg: SourceConfig | None = None) -> Iterator[Row]:
     """Canonical rows of `path`, lazily; raises DataError on the first structural problem."""
     cfg = cfg or SourceConfig()
-    path = Path(path)
+    path = inside_folder(path)
     if path.is_dir():
         raise DataError(f"{path}: is a folder; give the data file inside it")
     if not path.is_file():
@@ -246,7 +267,7 @@ def load_canonical(path: str | os.PathLike) -> list[Row]:
     """Rows of a canonical JSONL file that a step wrote (raw.jsonl, clean.jsonl, kept.jsonl):
     the four canonical columns are required and every further column (a `weight`, a column the
     source mapping kept) travels on unchanged."""
-    path = Path(path)
+    path = inside_folder(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file" if not path.is_dir() else f"{path}: is a folder; give the data file inside it")
     rows = list(_iter_jsonl(path, SourceConfig(), keep_extra=True))

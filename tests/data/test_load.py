@@ -17,7 +17,9 @@ from components.data.load import (
     DataError,
     content_id,
     final_answer,
+    inside_folder,
     iter_rows,
+    load_canonical,
     load_rows,
     write_jsonl,
 )
@@ -495,3 +497,46 @@ def test_load_canonical_keeps_extra_columns_and_requires_the_canonical_ones(tmp_
     write_jsonl(path, [{"id": "a", "prompt": "q", "answer": "1"}])
     with pytest.raises(DataError, match="kept.jsonl:1: missing column.*'response'"):
         load_canonical(path)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(depth=st.integers(0, 3), via_folder=st.booleans(), name=st.sampled_from(["train.jsonl", "raw.jsonl", "x.txt"]))
+def test_a_symbolic_link_is_followed_only_inside_its_data_folder(tmp_path_factory, depth, via_folder, name):
+    root = tmp_path_factory.mktemp("links")
+    data = root / "data"
+    inner = data.joinpath(*[f"d{i}" for i in range(depth)])
+    inner.mkdir(parents=True)
+    outside = root / "secret"
+    outside.mkdir()
+    good = {"id": "a", "prompt": "p", "response": "r", "answer": "1"}
+    for folder in (inner, outside):
+        write_jsonl(folder / "real.jsonl", [good])
+    cfg = SourceConfig(format="jsonl")
+    # inside: a link to a file deeper in the same folder is followed
+    (data / name).symlink_to(inner / "real.jsonl")
+    assert load_rows(data / name, cfg)[0]["id"] == "a" and load_canonical(data / name)[0]["id"] == "a"
+    (data / name).unlink()
+    # outside: a link to a file elsewhere on the machine is refused
+    (data / name).symlink_to(outside / "real.jsonl")
+    path = data / name
+    for read in (lambda: load_rows(path, cfg), lambda: load_canonical(path)):
+        with pytest.raises(DataError, match="outside the data folder") as err:
+            read()
+        assert str(outside / "real.jsonl") in str(err.value) and "\n" not in str(err.value)
+    # the folder the caller names is trusted, links below it must stay below it
+    assert inside_folder(path, root) == path
+    if via_folder:
+        (data / "elsewhere").symlink_to(outside, target_is_directory=True)
+        assert load_rows(data / "elsewhere" / "real.jsonl", cfg)  # named as the data folder: trusted
+        with pytest.raises(DataError, match="outside the data folder"):
+            inside_folder(data / "elsewhere" / "real.jsonl", data)
+
+
+def test_a_link_into_a_dvc_cache_is_followed(tmp_path):
+    cache = tmp_path / "repo" / ".dvc" / "cache" / "files" / "md5" / "ab"
+    cache.mkdir(parents=True)
+    write_jsonl(cache / "cdef", [{"id": "a", "prompt": "p", "response": "r", "answer": "1"}])
+    data = tmp_path / "repo" / "data"
+    data.mkdir()
+    (data / "train.jsonl").symlink_to(cache / "cdef")  # dvc checkout with cache.type: symlink
+    assert load_canonical(data / "train.jsonl")[0]["id"] == "a"
