@@ -39,6 +39,8 @@ Server output (and the stubs') goes to `log_path` (default $TMPDIR/tritonserver-
 kept after stop for post-mortems); a start that fails or times out raises with the log's tail.
 Stop: SIGINT, Triton drains for `exit_timeout_s` and unloads, then SIGKILL to the process group
 (server and stubs) after `stop_timeout_s`. The server also gets SIGTERM if this process dies.
+The python backend's shared-memory regions (/dev/shm/<shm_prefix>*) are removed after stop: a
+server that crashed (see the README on hostile HTTP bodies) leaves them behind (shm_default_bytes each).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from components.errors import command
 from components.serve.errors import ServeError
 from components.serve.config import ServerConfig
 
@@ -166,6 +169,7 @@ class TritonServer:
         self.cfg = cfg or ServerConfig()
         self.startup_models = tuple(load)
         self.token = secrets.token_hex(16)
+        self.shm_prefix = f"distillery{os.getpid()}_{self.token[:8]}_"  # names of the stubs' /dev/shm regions
         self._log_path = Path(log_path) if log_path else None
         self._workdir: Path | None = None
         self._proc: subprocess.Popen | None = None
@@ -204,7 +208,7 @@ class TritonServer:
             f"--log-verbose={c.log_verbose}",
             f"--backend-config=python,shm-default-byte-size={c.shm_default_bytes}",
             f"--backend-config=python,shm-growth-byte-size={c.shm_growth_bytes}",
-            f"--backend-config=python,shm-region-prefix-name=distillery{os.getpid()}_{self.token[:8]}_",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         if restricted:
             args += [f"--http-restricted-api={restricted}:{ADMIN_HEADER}={self.token}",
@@ -271,6 +275,9 @@ class TritonServer:
         if proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)  # stubs left behind by a crashed server, if any
+            for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):  # a crashed server's, if any
+                with contextlib.suppress(OSError):
+                    region.unlink()
         if self._workdir is not None and not keep_workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
@@ -359,6 +366,7 @@ class TritonServer:
                 if r.get("name") == model and r.get("version")}
 
 
+@command("serve.server")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve a model repository with tritonserver until Ctrl-C.")
     parser.add_argument("repository")
@@ -374,4 +382,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,9 +21,11 @@ The model folder is the `model_folder/` beside this file, read by components.mod
 PYTHONPATH that components/serve/server.py gives it.
 
 Every request is validated here (Triton has already checked names, dtypes, ranks and batch size
-against config.pbtxt): an empty or over-long prompt, ids outside the vocabulary, a bad parameter or
-too many tokens gets an INVALID_ARG error response (HTTP 400) for that request alone, and the others
-of the same execution are answered normally. Nothing a client sends can raise out of `execute`.
+against config.pbtxt): an empty or over-long prompt, ids outside the vocabulary, a bad parameter
+(parameters that are not UTF-8 too) or too many tokens gets an INVALID_ARG error response (HTTP 400)
+for that request alone, and the others of the same execution are answered normally. Nothing a
+client sends can raise out of `execute`. (Bodies Triton's HTTP frontend refuses itself never get
+here; the README's serving section lists them.)
 
 Batching: requests of one execution whose prompts (ids) have the same length are run as one batch
 (the model has no padding mask); generate also groups by temperature, and a seeded request runs alone.
@@ -182,7 +184,8 @@ class TritonPythonModel:
         total = 0
         for i, request in enumerate(requests):
             try:
-                max_tokens, temperature, seed = generate_params(request.parameters(), self.default_tokens, self.limit)
+                max_tokens, temperature, seed = generate_params(self._parameters(request), self.default_tokens,
+                                                                self.limit)
                 array = self._input(request, "text_input")
                 if array.ndim != 2 or array.shape[1] != 1:
                     raise RequestError(f"text_input must have shape [batch, 1], got {list(array.shape)}")
@@ -215,8 +218,9 @@ class TritonPythonModel:
         total = 0
         for i, request in enumerate(requests):
             try:
-                if json.loads(request.parameters() or "{}"):
-                    raise RequestError(f"the score model takes no request parameters, got {request.parameters()}")
+                params = self._parameters(request)
+                if json.loads(params):
+                    raise RequestError(f"the score model takes no request parameters, got {params[:80]}")
                 ids = score_ids(self._input(request, "input_ids"), self.cfg.vocab_size, self.cfg.block_size)
                 total += ids.shape[0]
                 if total > self.max_batch:
@@ -233,6 +237,14 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor("logprobs", part.astype(np.float32))])
 
     # ---- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _parameters(request) -> str:
+        """The request's parameters, a JSON object as text (the stub decodes the bytes a client sent)."""
+        try:
+            return request.parameters() or "{}"
+        except UnicodeDecodeError:
+            raise RequestError("request parameters are not valid UTF-8") from None
 
     @staticmethod
     def _input(request, name: str) -> np.ndarray:
