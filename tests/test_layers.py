@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 COMPONENTS = Path(__file__).resolve().parents[1] / "components"
-BASE = {"config", "artifacts", "console", "image", "kfp_io"}  # the modules beside the packages
+BASE = {"config", "artifacts", "console", "errors", "image", "kfp_io"}  # the modules beside the packages
 MAY_IMPORT = {
     "data": BASE,
     "model": BASE | {"data"},
