@@ -464,7 +464,7 @@ PARAMS_HEADER = ("# Composed by Hydra from conf/ (config.yaml + preset/<preset>.
 
 
 def _registry_parsers(sub, common: argparse.ArgumentParser) -> None:
-    """promote, rollback, and `registry` (init, register, current, path, show): the GTO registry."""
+    """promote, rollback, and `registry` (init, register, current, path, show, doctor): the GTO registry."""
     from components.registry.config import STAGES
 
     reg_common = argparse.ArgumentParser(add_help=False, parents=[common, registry_flag()])
@@ -497,6 +497,9 @@ def _registry_parsers(sub, common: argparse.ArgumentParser) -> None:
         c.set_defaults(func=cmd_registry)
     rsub.add_parser("show", parents=[reg_common], help="versions, stages and stage history as JSON").set_defaults(
         func=cmd_registry)
+    doc = rsub.add_parser("doctor", parents=[reg_common], help="find tags changed by hand (exit 1 while any is left)")
+    doc.add_argument("--fix", action="store_true", help="put back what the registry's records allow")
+    doc.set_defaults(func=cmd_registry)
 
 
 def registry_flag() -> argparse.ArgumentParser:

@@ -9,12 +9,13 @@
     distillery registry current --stage production             # prints v0.0.1 (exit 1: none)
     distillery registry path --stage production                # the folder serving exports
     distillery registry show                                   # versions, stages, stage history
+    distillery registry doctor [--fix]                         # tags changed by hand; --fix puts them back
 
 Settings come from the `registry` section of params.yaml (--params, --preset, --set registry.root=...),
-with --name on top. Exit status: 0 done (also "unchanged"),
-1 refused (gate failed, bad artifact, nothing to roll back; the registry is unchanged), 2 bad
-parameters. The one-line error names the file, field or version at fault; a failed gate
-prints every metric, candidate vs production.
+with --name on top. Exit status: 0 done (also "unchanged"), 1 refused (gate failed, bad artifact,
+nothing to roll back, tags changed by hand; the registry is unchanged), 2 bad parameters; doctor
+exits 1 while a problem is left. The one-line error names the file, field or version at fault; a
+failed gate prints every metric, candidate vs production.
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ def run(args: argparse.Namespace, cfg: RegistryConfig) -> int:
             print(f"registry: {cfg.name} {args.stage} holds no version", file=sys.stderr)
             return 1
         print(folder)
+    elif args.command == "doctor":
+        problems, done = reg.doctor(cfg.name, fix=args.fix)
+        for line in done:
+            print(f"registry: repaired {line}")
+        for p in problems:
+            print(f"registry: {'problem' if p.blocking else 'warning'}: {p.line()}")
+        blocking = [p for p in problems if p.blocking]
+        if not problems:
+            print(f"registry: {cfg.name}: the tags agree with the registry's records")
+        elif blocking and not args.fix and any(p.fix for p in blocking):
+            print(f"registry: `distillery registry doctor --fix` repairs {sum(1 for p in problems if p.fix)} of "
+                  f"{len(problems)}")
+        return 1 if blocking else 0
     elif args.command == "show":
         out = {"versions": reg.versions(cfg.name),
                "stages": {s: reg.current(cfg.name, s) for s in STAGES},

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from components.errors import InputError
 
-class RegistryError(ValueError):
+
+class RegistryError(InputError, ValueError):
     """A registry operation that cannot be done as asked; the registry is unchanged."""
 
 

@@ -2,7 +2,8 @@
 
     out = git(root, "rev-parse", "HEAD")
     with registry_lock(root, timeout_s=60):          # fcntl.flock on <git-dir>/distillery-registry.lock
-        with Transaction(root) as tx:                # any exception: tags deleted, commit and files undone
+        with Transaction(root) as tx:                # any exception: tags deleted (and noted in
+                                                     # <git-dir>/distillery-undone-tags), commit and files undone
             ...
     make_tag(root, "lm#production#7", commit, message, who, email)   # dated after every other tag
 
@@ -34,6 +35,9 @@ from components.registry.errors import RegistryError
 
 LOCK_NAME = "distillery-registry.lock"
 TMP_NAME = "distillery-tmp"
+UNDONE_NAME = "distillery-undone-tags"
+"""Tag objects a failed change deleted again (one id a line): doctor does not take them for tags
+deleted by hand."""
 
 
 def git(root: str | os.PathLike, *args: str, env: dict[str, str] | None = None, check: bool = True) -> str:
@@ -126,9 +130,42 @@ def next_tag_date(root: str | os.PathLike) -> str:
 
 
 def make_tag(root: str | os.PathLike, tag: str, target: str, message: str, who: str, email: str) -> None:
-    """An annotated tag by `who`, dated by `next_tag_date` (plain `git tag -a`)."""
+    """An annotated tag by `who`, dated by `next_tag_date` (plain `git tag -a`). When git wrote
+    the tag object but its ref was refused (a hook, a lock), the object is noted as undone."""
     env = identity_env(who, email) | {"GIT_COMMITTER_DATE": next_tag_date(root)}
-    git(root, "tag", "-a", tag, target, "-m", message, env=env)
+    try:
+        git(root, "tag", "-a", tag, target, "-m", message, env=env)
+    except RegistryError:
+        record = message.splitlines()[-1]  # the JSON record: its time has microseconds, so it is this tag's
+        note_undone(root, [obj for obj, text in unreferenced_tag_objects(root)
+                           if f"\ntag {tag}\n" in text and record in text])
+        raise
+
+
+def note_undone(root: str | os.PathLike, objects: list[str]) -> None:
+    """Add tag objects this registry deleted again (or never referenced) to <git-dir>/distillery-undone-tags."""
+    if objects:
+        with open(git_dir(root) / UNDONE_NAME, "a", encoding="utf-8") as ledger:
+            ledger.writelines(f"{obj}\n" for obj in objects if obj)
+
+
+def unreferenced_tag_objects(root: str | os.PathLike) -> list[tuple[str, str]]:
+    """(id, text) of every annotated tag object that no ref holds: tags deleted or moved, kept by
+    git until it prunes unreachable objects (two `git cat-file` calls and a `for-each-ref`)."""
+    held = set(git(root, "for-each-ref", "--format=%(objectname)").split())
+    listing = git(root, "cat-file", "--batch-all-objects", "--batch-check=%(objecttype) %(objectname)")
+    ids = [line.split()[1] for line in listing.splitlines() if line.startswith("tag ") and line.split()[1] not in held]
+    if not ids:
+        return []
+    out = subprocess.run(["git", "-C", str(root), "cat-file", "--batch"], input="".join(f"{i}\n" for i in ids).encode(),
+                         capture_output=True, check=True).stdout
+    found, pos = [], 0
+    for obj in ids:
+        end = out.index(b"\n", pos)
+        size = int(out[pos:end].split()[2])
+        found.append((obj, "\n" + out[end + 1:end + 1 + size].decode("utf-8", "replace")))
+        pos = end + 1 + size + 1
+    return found
 
 
 def list_tags(root: str | os.PathLike) -> list[str]:
@@ -161,6 +198,7 @@ class Transaction:
 
     def rollback(self) -> None:
         for name in reversed(self.tags):
+            note_undone(self.root, [git(self.root, "rev-parse", "-q", "--verify", f"refs/tags/{name}", check=False)])
             git(self.root, "tag", "-d", name, check=False)
         if git(self.root, "rev-parse", "HEAD", check=False) != self.head:
             git(self.root, "reset", "--soft", self.head, check=False)

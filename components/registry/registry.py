@@ -36,8 +36,10 @@ version, then unassigns the old, so `gto which` (newest semver in a stage) and `
 (3) rollback pops a stack replayed from the stage's assignment tags in counter order, so
 rolling back twice goes two versions back, not back and forth; (4) a version's metrics are
 read from the tagged commit, not the work tree, so an edited metrics.json in the work tree
-cannot change a gate decision. Registering the same model files again returns the existing
-version (content-addressed by the model digest) and changes nothing.
+cannot change a gate decision; (5) before a stage is read or changed, the tags are checked
+against the registry's records (doctor.py): a tag deleted or moved by hand is named, and
+`distillery registry doctor --fix` puts it back. Registering the same model files again returns
+the existing version (content-addressed by the model digest) and changes nothing.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from components.registry import artifact as art
 from components.registry import gitops
 from components.registry.archive import extract_archive
 from components.registry.config import NAME_RE, STAGES, GateConfig, RegistryConfig
+from components.registry.doctor import Problem, diagnose, repair, require_consistent
 from components.registry.errors import ArtifactRefused, GateError, RegistryError, RollbackError
 from components.registry.gate import GateReport, evaluate_gate
 from components.registry.gitops import git
@@ -174,6 +177,7 @@ class Registry:
         """The version `stage` holds, as GTO reads the tags; None when it holds none."""
         if stage not in STAGES:
             raise RegistryError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
+        require_consistent(self.root, self._name(name))
         return self.stages(name)[stage]
 
     def path(self, name: str | None, version: str) -> Path:
@@ -389,6 +393,7 @@ class Registry:
         gate = gate or self.config.gate
         self._check_stage(to)
         with gitops.registry_lock(self.root, self.config.lock_timeout_s):
+            require_consistent(self.root, name)
             self._require_version(name, version)
             held = self.stages(name)
             holder, staged, production = held[to], held["staging"], held["production"]
@@ -422,6 +427,7 @@ class Registry:
         from gto.api import parse_tag
 
         name = self._name(name)
+        require_consistent(self.root, name)
         assigns = [e for e in self.history(name) if e["event"] == "assignment" and e["stage"] == stage]
         assigns.sort(key=lambda e: parse_tag(e["ref"]).get("counter", 0))
         stack: list[str] = []
@@ -432,6 +438,17 @@ class Registry:
             if not stack or stack[-1] != e["version"]:
                 stack.append(e["version"])
         return stack
+
+    def doctor(self, name: str | None = None, fix: bool = False, *, actor: str | None = None
+               ) -> tuple[list[Problem], list[str]]:
+        """(problems, repairs done) of the tags changed by hand (see doctor.py); with `fix`, the
+        repairs are made under the registry lock and the problems are those left after them."""
+        name = self._name(name)
+        if not fix:
+            return diagnose(self.root, name), []
+        with gitops.registry_lock(self.root, self.config.lock_timeout_s):
+            done = repair(self.root, diagnose(self.root, name), *gitops.identity(self.root, actor or self.actor))
+            return diagnose(self.root, name), done
 
     def rollback(self, name: str | None = None, stage: str = "production", *, actor: str | None = None,
                  note: str = "") -> StageChange:
