@@ -138,7 +138,7 @@ def _check_content(path: Path, rel: str) -> None:
             raise ArtifactRefused(f"{rel}: is not valid JSON: {err}") from None
     elif suffix == ".safetensors":
         _check_safetensors(path, rel)
-    elif suffix in (".txt", ".md"):
+    elif suffix in (".txt", ".md", ".jinja"):
         try:
             path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as err:

@@ -79,7 +79,7 @@ class RegistryConfig:
     production_requires_staging: bool = True
     """Production takes only the version that is in staging now (staging, then production);
     the gate is checked again against the production model of that moment."""
-    allowed_suffixes: list[str] = field(default_factory=lambda: [".json", ".safetensors", ".txt", ".md", ".model"])
+    allowed_suffixes: list[str] = field(default_factory=lambda: [".json", ".safetensors", ".txt", ".md", ".jinja", ".model"])
     """File types a model folder may hold; anything else (a .pt, .bin, .pkl, .npy) is refused.
     Files are also read: pickle bytes or a zip with a .pkl inside are refused whatever the name."""
     max_artifact_bytes: int = 64 << 30

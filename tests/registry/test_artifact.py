@@ -143,3 +143,14 @@ def test_digest_covers_names_and_contents_not_reports(model_factory):
         ["check.json", "metrics.json", "model.json", "model.safetensors", "tokenizer/tokenizer.json",
          "tokenizer/tokenizer_meta.json"])
     assert json.loads((a / "model.json").read_text())["n_layer"] == 1
+
+
+def test_an_imported_models_chat_template_is_accepted_and_checked_as_text(registry, model_factory):
+    folder = model_factory()
+    template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    (folder / "tokenizer" / "chat_template.jinja").write_text(template)  # what an HF import keeps
+    assert "tokenizer/chat_template.jinja" in inspect_folder(folder, RegistryConfig())
+    (folder / "tokenizer" / "chat_template.jinja").write_bytes(b"cos\nsystem\n(S'echo hi'\ntR.")
+    refused(registry, folder, r"tokenizer/chat_template\.jinja: is a pickle payload \(protocol 0")
+    (folder / "tokenizer" / "chat_template.jinja").write_bytes(b"{% \xff %}")
+    refused(registry, folder, r"tokenizer/chat_template\.jinja: is not UTF-8 text")
