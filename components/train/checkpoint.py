@@ -305,7 +305,8 @@ def resume_point(root: str | os.PathLike, log: Any = None) -> Path | None:
     rank, world, barrier = _dist()
     chosen = None
     if rank == 0:
-        for path in reversed(checkpoints(root)):  # a folder renamed in before `latest` moved is complete too
+        found = checkpoints(root)
+        for i, path in reversed(list(enumerate(found))):  # one renamed in before `latest` moved is complete too
             why = damage(path)
             if why is None:
                 chosen = path
@@ -317,7 +318,7 @@ def resume_point(root: str | os.PathLike, log: Any = None) -> Path | None:
             os.replace(path, aside)
             if log is not None:
                 log.warning(f"checkpoint {path}: damaged, {why}; moved to {aside.name}, "
-                            f"resuming from the one before it")
+                            + ("resuming from the one before it" if i else "no intact checkpoint left: starting afresh"))
         pointer_file = root / LATEST
         named = pointer_file.read_text(encoding="utf-8").strip() if pointer_file.is_file() else None
         if chosen is not None and named != chosen.name:
