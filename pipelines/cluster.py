@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from components.config import ConfigError, require
 
+PIPELINE_NAME = "distillery"
+"""The Kubeflow pipeline's name (and the default experiment's); a local run's folders start with it."""
 JOB_KINDS = ("PyTorchJob", "TrainJob")
 
 

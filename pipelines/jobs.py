@@ -1,7 +1,7 @@
 """The distributed training job on Kubernetes, rendered from the same params.yaml as everything else.
 
     distillery render-job --preset base --stage base --out job.yaml        # the CLI command
-    python -m pipelines.jobs --preset base --stage base --out job.yaml     # the same, without the CLI
+    python -m pipelines.cli render-job --preset base --stage base --out job.yaml   # the same, off PATH
     kubectl apply -f job.yaml                                              # needs the operator's CRDs
 
 `cluster.job_kind` picks what is written:
@@ -36,14 +36,13 @@ and requests equal to limits for cpu, memory and the accelerator.
 The base kustomization (manifests/base/training-job.yaml) is this module's output for the
 repository's params.yaml, preset base, suspended; tests/manifests checks that it never drifts:
 
-    python -m pipelines.jobs --preset base --suspend --out manifests/base/training-job.yaml
+    distillery render-job --preset base --suspend --out manifests/base/training-job.yaml
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -292,14 +291,3 @@ def write_job(params: PipelineParams, path: str | os.PathLike, stage: str = "bas
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipelines.jobs ARGS` is `distillery render-job ARGS`."""
-    from pipelines.cli import main as cli
-
-    return cli(["render-job", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

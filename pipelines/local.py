@@ -36,9 +36,9 @@ from pathlib import Path
 
 from components.kfp_io import CHECKPOINT_ENV
 from components.errors import InputError
+from pipelines.cluster import PIPELINE_NAME
 from pipelines.params import PipelineParams
 
-PIPELINE_NAME = "distillery"
 REPORTS = {"validate": "report", "filter-rows": "report", "train-base": "loss_curve",
            "train-reinforce": "rewards_curve", "evaluate-stages": "report", "promote": "report"}
 """Each step's HTML artifact, copied to `<run>/reports/<task>.html` so a browser opens it as a page."""
@@ -57,16 +57,6 @@ class LocalRun:
     steps: list  # pipelines.console.Step, in pipeline order
     seconds: float
     reports: dict[str, Path]
-
-
-@dataclass(frozen=True)
-class LocalSettings:
-    """What build_pipeline sets on the tasks of a local run (never on a compiled one)."""
-
-    code: str
-    """$DISTILLERY_CODE on every task: a digest of the suite's source (part of each cache key)."""
-    ingest_key: str
-    """ingest's cache key: its source file's content and its parameters."""
 
 
 def ingest_cache_key(params: PipelineParams, source_uri: str, code: str, arguments: dict | None = None) -> str:
@@ -93,7 +83,7 @@ def run_local(params: PipelineParams, out: Path, source_uri: str = "", verbose: 
 
     from components.artifacts import source_digest
     from pipelines.console import RunConsole
-    from pipelines.pipeline import LOCAL_PRESET, TASK_ORDER, build_pipeline
+    from pipelines.pipeline import LOCAL_PRESET, TASK_ORDER, LocalSettings, build_pipeline
 
     out = Path(out).resolve()
     root = out / "kfp"

@@ -41,6 +41,7 @@ and ignores the rest with warnings.
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -53,9 +54,18 @@ from components.kfp_io import CHECKPOINT_ENV
 from components.registry import component as registry
 from components.serve import component as serve
 from components.train import component as training
-from pipelines.cluster import ClusterConfig
-from pipelines.local import PIPELINE_NAME, LocalSettings
+from pipelines.cluster import PIPELINE_NAME, ClusterConfig
 from pipelines.params import PipelineParams, load_params, preset_names
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """What build_pipeline sets on the tasks of a local run (never on a compiled one)."""
+
+    code: str
+    """$DISTILLERY_CODE on every task: a digest of the suite's source (part of each cache key)."""
+    ingest_key: str
+    """ingest's cache key: its source file's content and its parameters."""
+
 
 TASK_ORDER = ["ingest", "validate", "filter-rows", "split", "train-base", "train-reinforce", "train-finetune",
               "evaluate-stages", "distill", "quantize", "serve-export", "serve-check", "promote"]

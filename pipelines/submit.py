@@ -302,7 +302,7 @@ def add_parsers(sub: Any, common: Any, submit_func: Any, schedule_func: Any) -> 
     """The submit and schedule subcommands, with params.yaml's --params/--preset/--set (`common`)."""
     import argparse
 
-    from pipelines.local import PIPELINE_NAME
+    from pipelines.cluster import PIPELINE_NAME
 
     kfp = argparse.ArgumentParser(add_help=False, parents=[common])
     kfp.add_argument("--host", required=True, help="the KFP API / UI URL, e.g. http://localhost:8080 (a port-forward)")

@@ -1,12 +1,15 @@
 """The packages import downward only (../shared/DESIGN.md): model folders are read and written in
-components/model, so train does not import compress, and serve imports neither train nor compress."""
+components/model, so train does not import compress, and serve imports neither train nor compress;
+and no module of components/, pipelines/ or kernels/ is part of an import circle, counting the
+imports inside functions too (a lazy import hides a circle from Python, not from a reader)."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-COMPONENTS = Path(__file__).resolve().parents[1] / "components"
+ROOT = Path(__file__).resolve().parents[1]
+COMPONENTS = ROOT / "components"
 BASE = {"config", "artifacts", "console", "errors", "image", "kfp_io"}  # the modules beside the packages
 MAY_IMPORT = {
     "data": BASE,
@@ -41,3 +44,89 @@ def test_the_check_sees_an_upward_import(tmp_path):
     bad = tmp_path / "x.py"
     bad.write_text("def f():\n    from components.compress.quantize import run\n")
     assert _imports(bad) == {"compress"}
+
+
+def _modules(root: Path) -> dict[str, Path]:
+    found = {}
+    for package in ("components", "pipelines", "kernels"):
+        for path in sorted((root / package).rglob("*.py")):
+            name = ".".join(path.relative_to(root).with_suffix("").parts)
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def _graph(root: Path) -> dict[str, set[str]]:
+    """module -> the suite's modules it imports, at any depth of its code (`from a.b import c`
+    counts as a.b.c when that is a module, else as a.b)."""
+    modules = _modules(root)
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps |= {owner(f"{node.module}.{a.name}") for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {owner(a.name) for a in node.names}
+        graph[name] = deps - {None, name}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = counter[0]
+        counter[0] += 1
+        stack.append(start)
+        on.add(start)
+        while work:
+            v, edges = work[-1]
+            w = next(edges, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = counter[0]
+                    counter[0] += 1
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(graph.get(w, ())))))
+                elif w in on:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                part = []
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    part.append(w)
+                    if w == v:
+                        break
+                if len(part) > 1:
+                    out.append(sorted(part))
+    return out
+
+
+def test_no_module_is_part_of_an_import_circle():
+    assert _circles(_graph(ROOT)) == []
+
+
+def test_the_check_sees_a_circle_through_a_lazy_import(tmp_path):
+    for package in ("components", "pipelines", "kernels"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "components" / "a.py").write_text("from components.b import x\n")
+    (tmp_path / "components" / "b.py").write_text("def x():\n    from components import c\n")
+    (tmp_path / "components" / "c.py").write_text("import components.a\n")
+    (tmp_path / "pipelines" / "d.py").write_text("from components.a import y\n")  # into it, not part of it
+    assert _circles(_graph(tmp_path)) == [["components.a", "components.b", "components.c"]]

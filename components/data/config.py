@@ -44,6 +44,12 @@ class SourceConfig:
         require(self.text_chunk_chars > 0, "text_chunk_chars: must be positive")
 
 
+HELD_OUT_KINDS = ("wrong_operation", "misread_operand")
+"""Noise kinds that the label-noise detector does not imitate; weight 0 in the default mix."""
+NOISE_KINDS = ("wrong_answer", "exact_duplicate", "near_duplicate", "empty", "garbage", "broken_field",
+               *HELD_OUT_KINDS)
+"""Every noise kind components/data/generate.py can inject."""
+
 MAX_GENERATE_ROWS = 5_000_000
 """The most rows `data generate` writes (about 1.5 GB of JSON lines); real data comes in by ingest."""
 
@@ -78,8 +84,6 @@ class GenerateConfig:
     cleaning floor measured on it mean what they did; name them here to generate them."""
 
     def check(self) -> None:
-        from components.data.generate import NOISE_KINDS
-
         require(0 < self.rows <= MAX_GENERATE_ROWS, f"rows: {self.rows} is outside 1..{MAX_GENERATE_ROWS:,}")
         require(0.0 <= self.noise <= 0.9, f"noise: {self.noise} is outside [0, 0.9]")
         require(1 <= self.max_ops <= 6, "max_ops: must be within 1..6")

@@ -38,12 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.config import ConfigError
-from components.data.config import GenerateConfig
-
-HELD_OUT_KINDS = ("wrong_operation", "misread_operand")
-"""Noise kinds that the label-noise detector does not imitate; weight 0 in the default mix."""
-NOISE_KINDS = ("wrong_answer", "exact_duplicate", "near_duplicate", "empty", "garbage", "broken_field",
-               *HELD_OUT_KINDS)
+from components.data.config import HELD_OUT_KINDS, NOISE_KINDS, GenerateConfig
 
 NAMES = ["Alice", "Bob", "Carmen", "Deepak", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas",
          "Kemi", "Liam", "Mei", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq"]

@@ -33,6 +33,10 @@ class ModelFolderError(DataError):
     """A model folder that is missing a file or holds something else."""
 
 
+class HFImportError(ModelFolderError):
+    """A checkpoint that cannot be imported (hf.py, gguf_file.py): the message names the file and what is wrong."""
+
+
 def load_pretrained(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
     """(config, fp32 state dict, tokenizer) of a model folder written by a training stage."""
     from safetensors import SafetensorError

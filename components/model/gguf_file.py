@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from components.model.hf import HFImportError
+from components.model.folder import HFImportError
 from components.model.tokenizer import VOCAB_FILE, HFTokenizer
 
 

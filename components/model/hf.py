@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from components.model.config import ModelConfig
-from components.model.folder import ModelFolderError, load_model
+from components.model.folder import HFImportError, ModelFolderError, load_model
 from components.model.tokenizer import VOCAB_FILE, HFTokenizer, as_hf_tokenizer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
@@ -42,10 +42,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SHARD_BYTES = 2 * 1024 ** 3
 """Export: the most bytes of tensors per safetensors file (transformers' default is 5 GB; 2 GB
 keeps every shard under the 2 GiB that some readers and object stores handle in one piece)."""
-
-
-class HFImportError(ModelFolderError):
-    """A checkpoint that cannot be imported: the message names the file and what is wrong."""
 
 
 # ---- config ---------------------------------------------------------------------------------------

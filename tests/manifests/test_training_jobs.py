@@ -171,7 +171,7 @@ def test_committed_base_job_is_the_render_of_params_yaml(monkeypatch):
     expected = jobs.job_yaml(params, "base", suspend=True)
     committed = (MANIFESTS / "base" / "training-job.yaml").read_text(encoding="utf-8")
     assert committed == expected, ("manifests/base/training-job.yaml differs from the render of params.yaml; "
-                                   "run: python -m pipelines.jobs --preset base --suspend "
+                                   "run: distillery render-job --preset base --suspend "
                                    "--out manifests/base/training-job.yaml")
     job = load_yaml_docs(MANIFESTS / "base" / "training-job.yaml")[1]
     assert job["spec"]["runPolicy"]["suspend"] is True
@@ -192,13 +192,15 @@ def test_write_job_is_atomic(tmp_path):
     assert "&id" not in path.read_text(encoding="utf-8"), "plain YAML, no anchors"
 
 
-def test_module_command_line(tmp_path, capsys):
+def test_render_job_command_line(tmp_path, capsys):
+    from pipelines.cli import main
+
     out = tmp_path / "job.yaml"
-    assert jobs.main(["--params", str(REPO_PARAMS), "--preset", "tiny", "--stage", "finetune",
+    assert main(["render-job", "--params", str(REPO_PARAMS), "--preset", "tiny", "--stage", "finetune",
                       "--set", "cluster.job_kind=TrainJob", "--set", "cluster.gpus_per_node=0", "--out", str(out)]) == 0
     assert "TrainJob distillery-train-finetune" in capsys.readouterr().out
     job = load_yaml_docs(out)[1]
     assert job["spec"]["trainer"]["numProcPerNode"] == 1 and validate_object(job) == []
-    assert jobs.main(["--params", str(REPO_PARAMS), "--set", "cluster.nodes=0", "--out", str(tmp_path / "b.yaml")]) == 2
+    assert main(["render-job", "--params", str(REPO_PARAMS), "--set", "cluster.nodes=0", "--out", str(tmp_path / "b.yaml")]) == 2
     assert "cluster.nodes" in capsys.readouterr().err
     assert not (tmp_path / "b.yaml").exists()
