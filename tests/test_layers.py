@@ -130,3 +130,19 @@ def test_the_check_sees_a_circle_through_a_lazy_import(tmp_path):
     (tmp_path / "components" / "c.py").write_text("import components.a\n")
     (tmp_path / "pipelines" / "d.py").write_text("from components.a import y\n")  # into it, not part of it
     assert _circles(_graph(tmp_path)) == [["components.a", "components.b", "components.c"]]
+
+
+def _private_imports(root: Path) -> list[str]:
+    """`from <suite module> import _helper` anywhere in the suite: a private helper used across modules."""
+    found = []
+    for name, path in _modules(root).items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in (
+                    "components", "pipelines", "kernels") and node.module != name:
+                found += [f"{name} imports {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_no_module_imports_another_modules_private_helpers():
+    assert _private_imports(ROOT) == []

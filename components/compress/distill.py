@@ -168,7 +168,9 @@ def run(cfg: DistillConfig, teacher_dir: str | os.PathLike, data_dir: str | os.P
     smaller one of the teacher's family, imported), instead of pruning the teacher; it must share
     the teacher's tokenizer, id for id."""
     from components.train.evaluate import EvaluateConfig, evaluate_model, problems
-    from components.train.stages import _prepare, _rows, _val_batches
+    from components.data.split import read_split
+    from components.train.batches import val_batches
+    from components.train.stages import prepare_output
 
     out, data_dir = Path(out_dir), Path(data_dir)
     t_cfg, t_state, tok = load_pretrained(teacher_dir)  # bad input is refused before --fresh removes anything
@@ -183,10 +185,10 @@ def run(cfg: DistillConfig, teacher_dir: str | os.PathLike, data_dir: str | os.P
                             f"distillation compares their logits id for id")
     else:
         s_cfg = student_config(t_cfg, cfg)
-    rows = _rows(data_dir, "train.jsonl")
+    rows = read_split(data_dir, "train.jsonl")
     if not rows:
         raise DataError(f"{data_dir / 'train.jsonl'}: no rows to distill on")
-    _prepare(out, (teacher_dir, data_dir), fresh)
+    prepare_output(out, (teacher_dir, data_dir), fresh)
     if student_dir is not None:
         init = s_state
     else:
@@ -199,7 +201,7 @@ def run(cfg: DistillConfig, teacher_dir: str | os.PathLike, data_dir: str | os.P
     ids = [tok.pair_ids(r.get("prompt") or "", r.get("response") or "")[0] for r in rows + extra]
     weights = [float(r.get("weight", 1.0)) for r in rows] + [1.0] * len(extra)
     batches = RowBatches(ids, weights, s_cfg.block_size, cfg.micro_batch, cfg.seed, tok.pad_id)
-    val = _val_batches(_rows(data_dir, "val.jsonl"), tok, s_cfg.block_size, cfg.micro_batch, cfg.seed)
+    val = val_batches(read_split(data_dir, "val.jsonl"), tok, s_cfg.block_size, cfg.micro_batch, cfg.seed)
     teacher_hash = sha256_file(Path(teacher_dir) / "model.safetensors")
     summary = train(s_cfg, cfg.train_config(), Distillation(batches, teacher, cfg.temperature, cfg.kd_weight),
                     val, tok, out, progress=progress, init=init,

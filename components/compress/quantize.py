@@ -71,13 +71,14 @@ def _qat(cfg, model_dir: Path, data_dir: Path, out: Path, progress: bool) -> Pat
     from components.train.config import TrainConfig
     from components.train.engine import train
     from components.model.folder import load_pretrained
-    from components.train.stages import _rows, _val_batches, encode_pairs
+    from components.data.split import read_split
+    from components.train.batches import encode_pairs, val_batches
 
     model_cfg, state, tok = load_pretrained(model_dir)
-    rows = _rows(data_dir, "train.jsonl")
+    rows = read_split(data_dir, "train.jsonl")
     ids, starts = encode_pairs(rows, tok)
     batches = RowBatches(ids, [1.0] * len(ids), model_cfg.block_size, 12, cfg.seed, tok.pad_id, loss_from=starts)
-    val = _val_batches(_rows(data_dir, "val.jsonl"), tok, model_cfg.block_size, 12, cfg.seed)
+    val = val_batches(read_split(data_dir, "val.jsonl"), tok, model_cfg.block_size, 12, cfg.seed)
     tcfg = TrainConfig(steps=cfg.qat_steps, micro_batch=12, lr=cfg.qat_lr, warmup_steps=min(10, cfg.qat_steps - 1),
                        precision="fp32", seed=cfg.seed, checkpoint_every=cfg.qat_steps, keep_checkpoints=1,
                        eval_every=0, curriculum_start=1.0)

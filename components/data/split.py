@@ -18,7 +18,7 @@ from typing import Any
 from components.artifacts import atomic_dir, finish
 from components.config import to_dict
 from components.data.config import SplitConfig
-from components.data.load import Row, load_canonical, write_jsonl
+from components.data.load import DataError, Row, load_canonical, write_jsonl
 
 SPLITS = ("train", "val", "test")
 
@@ -57,3 +57,12 @@ def run(input_path: str | os.PathLike, cfg: SplitConfig, out_dir: str | os.PathL
         finish(tmp, "split", {"rows": input_path}, to_dict(cfg), metrics,
                {name: tmp / f"{name}.jsonl" for name in SPLITS})
     return metrics
+
+
+def read_split(folder: str | os.PathLike, name: str) -> list[Row]:
+    """The rows of one file of a split folder (`train.jsonl`, `val.jsonl`, `test.jsonl`); an empty
+    file is no rows, a missing one a DataError that says what the folder should be."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise DataError(f"{path}: missing; give the split step's output folder (train.jsonl, val.jsonl)")
+    return load_canonical(path) if path.stat().st_size else []

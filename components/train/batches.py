@@ -32,7 +32,7 @@ import torch
 IGNORE = -100
 
 
-def _generator(seed: int, step: int, micro: int) -> torch.Generator:
+def generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
 
 
@@ -158,7 +158,7 @@ class StreamBatches:
         self.curriculum = curriculum or Curriculum()
 
     def get(self, step: int, micro: int = 0) -> Batch:
-        g = _generator(self.seed, step, micro)
+        g = generator(self.seed, step, micro)
         L = self.curriculum.seq_len(step, self.seq_len)
         starts = torch.randint(0, self.tokens.numel() - L - 1, (self.batch,), generator=g)
         window = torch.stack([self.tokens[s:s + L + 1] for s in starts.tolist()])  # (B, L+1)
@@ -207,7 +207,7 @@ class RowBatches:
 
     def pick(self, step: int, micro: int = 0) -> list[int]:
         """The row indices of batch (step, micro): a pure function of (seed, step, micro)."""
-        g = _generator(self.seed, step, micro)
+        g = generator(self.seed, step, micro)
         n = self.curriculum.pool_size(step, len(self.rows))
         return self.order[torch.randint(0, n, (self.batch,), generator=g)].tolist()
 
@@ -238,3 +238,22 @@ def _digest(data: bytes, shape: tuple) -> str:
     import hashlib
 
     return hashlib.sha256(data + repr(shape).encode()).hexdigest()[:16]
+
+
+def val_batches(rows: list[dict], tok, seq: int, micro_batch: int, seed: int) -> RowBatches | None:
+    """Validation: the response tokens of the val rows (prompts excluded, as in fine-tuning)."""
+    if not rows:
+        return None
+    ids, starts = encode_pairs(rows, tok)
+    return RowBatches(ids, [1.0] * len(ids), seq, micro_batch, seed + 1, tok.pad_id, loss_from=starts)
+
+
+def encode_pairs(rows: list[dict], tok) -> tuple[list[list[int]], list[int]]:
+    """Each row as token ids (`prompt \\n response <eos>`, or the chat template of a pretrained
+    model's tokenizer: Tokenizer.pair_ids), and where its response starts."""
+    ids, starts = [], []
+    for r in rows:
+        full, start = tok.pair_ids(r.get("prompt") or "", r.get("response") or "")
+        ids.append(full)
+        starts.append(start)
+    return ids, starts

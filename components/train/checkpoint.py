@@ -148,7 +148,7 @@ def _dist() -> tuple[int, int, Any]:
     return 0, 1, lambda: None
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     _write_text(path, json.dumps(obj))
 
 
@@ -213,7 +213,7 @@ def save(root: str | os.PathLike, step: int, engine: Any, extra: dict[str, Any] 
         "extra": extra or {},
     }
     save_file(tensors, str(tmp / f"optimizer-rank{rank:05d}.safetensors"))
-    _write_json(tmp / f"state-rank{rank:05d}.json", state)
+    write_json(tmp / f"state-rank{rank:05d}.json", state)
     return publish(root, step, keep)
 
 
@@ -238,7 +238,7 @@ def publish(root: str | os.PathLike, step: int, keep: int) -> Path:
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     barrier()
     if rank == 0:
-        _write_json(tmp / HASHES, {"sha256": _hash_files(tmp)})
+        write_json(tmp / HASHES, {"sha256": _hash_files(tmp)})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -49,7 +49,7 @@ def evaluate_model(model, tok, rows: list[dict], cfg: EvaluateConfig, batch: int
                    desc: str = "evaluate") -> tuple[dict, list[dict]]:
     """({accuracy, format, perplexity, rows}, per-row completions) of one model; progress as `desc`."""
     from components.train.grpo import token_logprobs
-    from components.train.stages import encode_pairs
+    from components.train.batches import encode_pairs
 
     correct = formatted = 0.0
     nll, count = 0.0, 0

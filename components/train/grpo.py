@@ -40,7 +40,7 @@ import torch
 
 from components.data.load import DataError
 from components.model.lora import merged_state
-from components.train.batches import _generator
+from components.train.batches import generator
 from components.train.config import ReinforceConfig
 from components.train.rewards import accuracy_reward, format_reward, parse_answer
 
@@ -250,7 +250,7 @@ class GRPO:
         """This step's prompts on this rank (`count`, or prompts_per_step): the first uniformly over
         all prompts, the rest uniformly among those of the same token length (so each prompt's
         chance is equal). Dynamic sampling's later rounds draw anew from their own stream."""
-        g = _generator(self.cfg.seed, step, rank + 100_000 * round)
+        g = generator(self.cfg.seed, step, rank + 100_000 * round)
         first = self.prompts[int(torch.randint(0, len(self.prompts), (1,), generator=g))]
         bucket = self.by_length[len(first.ids)]
         rest = torch.randint(0, len(bucket), ((count or self.cfg.prompts_per_step) - 1,), generator=g).tolist()
@@ -263,8 +263,8 @@ class GRPO:
         and as many prompts as are missing drawn again (at most `resample_rounds` more times)
         until `prompts_per_step` groups have signal; flat groups fill what the rounds could not."""
         cfg, G, n = self.cfg, self.cfg.group_size, self.cfg.prompts_per_step
-        g = _generator(cfg.seed, step, 1_000_000 + rank)
-        coin = _generator(cfg.seed, step, 2_000_000 + rank)
+        g = generator(cfg.seed, step, 1_000_000 + rank)
+        coin = generator(cfg.seed, step, 2_000_000 + rank)
         model.eval()
         t_gen = t_score = 0.0
         kept, flat_pool, totals, accs, fmts, lengths = [], [], [], [], [], []

@@ -24,9 +24,10 @@ import torch
 
 from components.artifacts import check_output, finish, holds, write_json
 from components.console import log
-from components.data.load import DataError, load_canonical
+from components.data.load import DataError
+from components.data.split import read_split
 from components.model import Transformer
-from components.train.batches import RowBatches
+from components.train.batches import RowBatches, encode_pairs, val_batches
 from components.train.config import FinetuneConfig, ReinforceConfig
 from components.train.engine import train
 from components.model.folder import load_pretrained
@@ -36,39 +37,15 @@ OUTPUTS = ("checkpoints", "metrics.jsonl", "model", "adapter", "loss.png", "plot
            "metrics.json", "selection.json")
 
 
-def _prepare(out: Path, inputs: tuple, fresh: bool) -> None:
+def prepare_output(out: Path, inputs: tuple, fresh: bool) -> None:
+    """A stage's output folder before training: with `fresh` its earlier outputs removed; a new one
+    checked against foreign files (components.artifacts.check_output)."""
     if fresh:
         for name in OUTPUTS:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     if not any((out / name).exists() for name in ("checkpoints", "metrics.jsonl", "manifest.json")):
         check_output(out, inputs)  # never over foreign files
-
-
-def _rows(data_dir: Path, name: str) -> list[dict]:
-    path = data_dir / name
-    if not path.is_file():
-        raise DataError(f"{path}: missing; give the split step's output folder (train.jsonl, val.jsonl)")
-    return load_canonical(path) if path.stat().st_size else []
-
-
-def _val_batches(rows: list[dict], tok, seq: int, micro_batch: int, seed: int) -> RowBatches | None:
-    """Validation: the response tokens of the val rows (prompts excluded, as in fine-tuning)."""
-    if not rows:
-        return None
-    ids, starts = encode_pairs(rows, tok)
-    return RowBatches(ids, [1.0] * len(ids), seq, micro_batch, seed + 1, tok.pad_id, loss_from=starts)
-
-
-def encode_pairs(rows: list[dict], tok) -> tuple[list[list[int]], list[int]]:
-    """Each row as token ids (`prompt \\n response <eos>`, or the chat template of a pretrained
-    model's tokenizer: Tokenizer.pair_ids), and where its response starts."""
-    ids, starts = [], []
-    for r in rows:
-        full, start = tok.pair_ids(r.get("prompt") or "", r.get("response") or "")
-        ids.append(full)
-        starts.append(start)
-    return ids, starts
 
 
 def _outputs(out: Path) -> dict[str, Path]:
@@ -94,10 +71,10 @@ def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: s
     from components.train.grpo import GRPO, MIN_COMPLETION
 
     out, data_dir = Path(out_dir), Path(data_dir)
-    _prepare(out, (init_dir, data_dir), fresh)
+    prepare_output(out, (init_dir, data_dir), fresh)
     model_cfg, state, tok = load_pretrained(init_dir)
     model_cfg, state = deepen(model_cfg, state, cfg.grow_layers)
-    rows = _rows(data_dir, "train.jsonl")
+    rows = read_split(data_dir, "train.jsonl")
     reference = Transformer(model_cfg)
     reference.load_state_dict(state)
     objective = GRPO(cfg, rows, tok, reference, model_cfg.block_size)
@@ -117,7 +94,7 @@ def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: s
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "selection.json", sel)
     train_cfg = cfg.train_config()
-    val = _val_batches(_rows(data_dir, "val.jsonl"), tok, model_cfg.block_size, 8, cfg.seed)
+    val = val_batches(read_split(data_dir, "val.jsonl"), tok, model_cfg.block_size, 8, cfg.seed)
     summary = train(model_cfg, train_cfg, objective, val, tok, out, progress=progress, init=state,
                     freeze=_lora(cfg), stage={"name": "reinforce", **asdict(cfg)}, adapter_base=str(init_dir))
     summary.update(_tail_means(out / "metrics.jsonl", ("reward", "accuracy", "format", "kl", "length", "flat_groups",
@@ -138,18 +115,18 @@ def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: s
 def run_finetune(cfg: FinetuneConfig, init_dir: str | os.PathLike, data_dir: str | os.PathLike,
                  out_dir: str | os.PathLike, progress: bool = True, fresh: bool = False) -> dict[str, Any]:
     out, data_dir = Path(out_dir), Path(data_dir)
-    _prepare(out, (init_dir, data_dir), fresh)
+    prepare_output(out, (init_dir, data_dir), fresh)
     model_cfg, state, tok = load_pretrained(init_dir)
     if cfg.train_top_layers > model_cfg.n_layer:
         raise DataError(f"finetune.train_top_layers: {cfg.train_top_layers} is more than the model's "
                         f"{model_cfg.n_layer} blocks")
-    rows = _rows(data_dir, "train.jsonl")
+    rows = read_split(data_dir, "train.jsonl")
     if not rows:
         raise DataError(f"{data_dir / 'train.jsonl'}: no rows to fine-tune on")
     ids, starts = encode_pairs(rows, tok)
     batches = RowBatches(ids, [float(r.get("weight", 1.0)) for r in rows], model_cfg.block_size, cfg.micro_batch,
                          cfg.seed, tok.pad_id, loss_from=starts)
-    val = _val_batches(_rows(data_dir, "val.jsonl"), tok, model_cfg.block_size, cfg.micro_batch, cfg.seed)
+    val = val_batches(read_split(data_dir, "val.jsonl"), tok, model_cfg.block_size, cfg.micro_batch, cfg.seed)
     freeze = _lora(cfg) or (lambda m: freeze_below(m, cfg.train_top_layers))
     summary = train(model_cfg, cfg.train_config(), batches, val, tok, out, progress=progress, init=state,
                     freeze=freeze, stage={"name": "finetune", **asdict(cfg)}, adapter_base=str(init_dir))

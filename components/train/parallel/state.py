@@ -126,7 +126,7 @@ def save(root: str | Path, step: int, par: Parallel, extra: dict[str, Any], keep
                  "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
                  "counters": {c: getattr(engine, c) for c in ("global_steps", "skipped_steps")},
                  "extra": extra}
-        checkpoint._write_json(tmp / "state.json", state)
+        checkpoint.write_json(tmp / "state.json", state)
     return checkpoint.publish(root, step, keep)
 
 
