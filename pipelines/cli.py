@@ -157,14 +157,14 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from components.data.load import DataError
-    from components.train import base, stages
+    from components.train import launch, stages
 
     params = _params(args)
     if args.stage == "base":
         if (args.data is None) == (args.text is None):
             raise DataError("train --stage base: give --data (a split folder) or --text (a corpus), one of them")
-        summary = base.run(params.model, params.train, params.tokenizer, args.out, data_dir=args.data,
-                           text=args.text, fresh=args.fresh, init_dir=args.init)
+        summary = launch.run_base(params.model, params.train, params.tokenizer, args.out, data_dir=args.data,
+                                  text=args.text, fresh=args.fresh, init_dir=args.init)
     else:
         if args.init is None or args.data is None:
             raise DataError(f"train --stage {args.stage}: give --init (the previous stage's model folder, "
@@ -340,23 +340,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_release(args: argparse.Namespace) -> None:
     from components.registry import release
-    from components.registry.records import load_report
 
-    model = Path(args.model)
-    metrics, _ = load_report(args.metrics, model.parent / "metrics.json", "quantize step's metrics")
-    check, _ = load_report(args.check, Path(args.check), "serve.check report")
-    rows = None
-    if args.loadtest:
-        from components.registry.errors import RegistryError
-
-        try:
-            rows = json.loads(Path(args.loadtest).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RegistryError(f"{args.loadtest}: not a readable load-test JSON: {err}") from None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise RegistryError(f"{args.loadtest}: expected a list of rows (serve.check's loadtest.json)")
-    release.run(_params(args).registry, model, metrics, check, {"rows": rows} if rows is not None else None,
-                args.out, args.actor)
+    release.run_files(_params(args).registry, args.model, args.check, args.out, args.metrics, args.loadtest,
+                      args.actor)
     print((Path(args.out) / "promotion.md").read_text(), end="")
 
 

@@ -18,7 +18,6 @@ def promote(model: Input[Model], check: Input[Artifact], preset: str, config: di
     """registry.promote: register the checked INT8 model in the GTO registry and move it to
     staging if it beats production on the gate metrics (a refusal is reported, not an error).
     It changes the registry, a side effect: the pipeline turns caching off for it."""
-    import json
     import tempfile
     from pathlib import Path
 
@@ -33,8 +32,7 @@ def promote(model: Input[Model], check: Input[Artifact], preset: str, config: di
     folder = Path(model.path)
     load = Path(check.path) / "loadtest.json"
     out = Path(tempfile.mkdtemp())  # promotion.md goes into the HTML artifact
-    result = release.run(cfg, folder / "model", json.loads((folder / "metrics.json").read_text()),
-                         json.loads((Path(check.path) / "check.json").read_text()),
-                         {"rows": json.loads(load.read_text())} if load.is_file() else None, out)
+    result = release.run_files(cfg, folder / "model", Path(check.path) / "check.json", out,
+                               folder / "metrics.json", load if load.is_file() else None)
     log_metrics(metrics, {"promoted": result["promoted"], **result["metrics"]})
     html_page(report.path, "registry", [], pre=(out / "promotion.md").read_text())

@@ -38,6 +38,30 @@ def candidate_metrics(quantize: dict[str, Any], loadtest: dict[str, Any] | None 
     return out
 
 
+def run_files(cfg: RegistryConfig, model_folder: str | os.PathLike, check_path: str | os.PathLike,
+              out_dir: str | os.PathLike, metrics_path: str | os.PathLike | None = None,
+              loadtest_path: str | os.PathLike | None = None, actor: str | None = None) -> dict[str, Any]:
+    """registry.promote from files, as the CLI (`distillery release`), the KFP component and the DVC
+    stage all call it: the quantize step's metrics.json (default: beside `model_folder`), the
+    serve.check report and, optionally, its loadtest.json; each read and checked (one line naming
+    the file) before anything is registered, then `run`."""
+    from components.registry.errors import RegistryError
+    from components.registry.records import load_report
+
+    model = Path(model_folder)
+    metrics, _ = load_report(metrics_path, model.parent / "metrics.json", "quantize step's metrics")
+    check, _ = load_report(check_path, Path(check_path), "serve.check report")
+    rows = None
+    if loadtest_path is not None:
+        try:
+            rows = json.loads(Path(loadtest_path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RegistryError(f"{loadtest_path}: not a readable load-test JSON: {err}") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise RegistryError(f"{loadtest_path}: expected a list of rows (serve.check's loadtest.json)")
+    return run(cfg, model, metrics, check, {"rows": rows} if rows is not None else None, out_dir, actor)
+
+
 def run(cfg: RegistryConfig, model_folder: str | os.PathLike, quantize_metrics: dict[str, Any],
         check: dict[str, Any], loadtest: dict[str, Any] | None, out_dir: str | os.PathLike,
         actor: str | None = None) -> dict[str, Any]:
