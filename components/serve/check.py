@@ -4,7 +4,7 @@
     with TritonServer("runs/triton") as server:
         report = run_check(server, "runs/triton")            # newest version; raises CheckError on a fault
 
-    python -m components.serve.check REPOSITORY [--version N] [--model-folder F] [--report out.json]
+    distillery check --repository REPOSITORY --out DIR [--version N] [--checkpoint F] [--no-loadtest]
 
 What it proves, per model (`<name>_generate`, `<name>_score`):
   1. the version loads: both models are (re)loaded through the model-control API; with
@@ -27,21 +27,18 @@ the evaluate step's and registry.promote's job.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
-from components.errors import command
 from components.serve import client as calls
 from components.serve.errors import ServeError
-from components.serve.config import CheckConfig, ExportConfig, ServeConfig
+from components.serve.config import CheckConfig, ServeConfig
 from components.serve.export import KINDS, MODEL_DIR, model_name, versions
 from components.serve.server import ServerError, TritonServer
 
@@ -231,24 +228,6 @@ def run(cfg: ServeConfig, repository: str | os.PathLike, version: int | None = N
     if report_path:
         Path(report_path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
-
-
-@command("serve.check")
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Check a Triton repository version in a fresh local server.")
-    parser.add_argument("repository")
-    parser.add_argument("--name", default="distillery")
-    parser.add_argument("--version", type=int, default=None)
-    parser.add_argument("--model-folder", default=None, help="reference model folder (default: the version's copy)")
-    parser.add_argument("--report", default=None, help="write the report JSON here")
-    args = parser.parse_args(argv)
-    cfg = ServeConfig(export=ExportConfig(name=args.name))
-    report = run(cfg, args.repository, args.version, args.model_folder, args.report)
-    print(json.dumps({k: v for k, v in report.items() if k != "probes"}, indent=2))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def run_step(cfg: ServeConfig, repository: str | os.PathLike, out_dir: str | os.PathLike,

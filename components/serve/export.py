@@ -4,7 +4,7 @@
     export_repository("runs/finetune/model", "runs/triton")        # -> version 1, then 2, 3, ...
     export_onnx("runs/finetune/model", "scoring.onnx")             # verified with onnxruntime
 
-    python -m components.serve.export MODEL_FOLDER REPOSITORY [--name distillery] [--onnx]
+    distillery export --checkpoint MODEL_FOLDER --repository REPOSITORY [--name distillery] [--set serve.export.onnx=true]
 
 Layout written (both models share each version number, so `3` of generate and `3` of score are
 the same weights):
@@ -34,17 +34,14 @@ so serve.check reports the failure and the broken version should be deleted or r
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as _dt
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from components.errors import command
 from components.serve.errors import ExportError
 from components.serve.config import ExportConfig
 
@@ -304,20 +301,3 @@ def run(cfg: ExportConfig, model_folder: str | os.PathLike, repository: str | os
     if cfg.onnx:
         summary["onnx"] = str(repo / model_name(cfg.name, "score") / str(version) / "model.onnx")
     return summary
-
-
-@command("serve.export")
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model_folder")
-    parser.add_argument("repository")
-    parser.add_argument("--name", default=ExportConfig.name)
-    parser.add_argument("--version", type=int, default=None)
-    parser.add_argument("--onnx", action="store_true", help="also write <name>_score/<N>/model.onnx")
-    args = parser.parse_args(argv)
-    print(json.dumps(run(ExportConfig(name=args.name, onnx=args.onnx), args.model_folder, args.repository,
-                         args.version), indent=2))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@
         result = run_loadtest(server, "runs/triton", LoadtestConfig(concurrency=[1, 4, 16]), png="load.png")
         print(result["table"])
 
-    python -m components.serve.loadtest REPOSITORY [--model generate|score] [--png load.png]
+    distillery loadtest --repository REPOSITORY [--model generate|score] [--png load.png]
 
 Why not perf_analyzer: Triton's own load generator is a separate C++ binary (Triton SDK image /
 tritonclient's "perf" extra built from source); the nvidia-pytriton wheel ships only tritonserver
@@ -26,18 +26,15 @@ concurrency > 1), not a capacity figure.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from components.errors import command
 from components.serve import client as calls
-from components.serve.config import ExportConfig, LoadtestConfig, ServeConfig
+from components.serve.config import LoadtestConfig, ServeConfig
 from components.serve.export import MODEL_DIR, model_name, versions
 from components.serve.server import TritonServer
 
@@ -183,22 +180,3 @@ def run(cfg: ServeConfig, repository: str | os.PathLike, png: str | os.PathLike 
     """The serve.loadtest step: a fresh local server on `repository`, `run_loadtest`, stopped."""
     with TritonServer(repository, cfg.server, log_path=log_path) as server:
         return run_loadtest(server, repository, cfg.loadtest, cfg.export.name, png)
-
-
-@command("serve.loadtest")
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Concurrency sweep of a repository in a fresh local server.")
-    parser.add_argument("repository")
-    parser.add_argument("--name", default="distillery")
-    parser.add_argument("--model", default="generate", choices=["generate", "score"])
-    parser.add_argument("--protocol", default="grpc", choices=["http", "grpc"])
-    parser.add_argument("--requests", type=int, default=LoadtestConfig.requests_per_level)
-    parser.add_argument("--png", default=None)
-    args = parser.parse_args(argv)
-    cfg = ServeConfig(export=ExportConfig(name=args.name), loadtest=LoadtestConfig(
-        model=args.model, protocol=args.protocol, requests_per_level=args.requests))
-    print(run(cfg, args.repository, args.png)["table"])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@
         client = server.client("grpc")                      # a tritonclient InferenceServerClient
         ...
 
-    python -m components.serve.server REPOSITORY [--load MODEL ...]   # serve until Ctrl-C
+    distillery serve --repository REPOSITORY [--stage production]   # serve until Ctrl-C
 
 The binary and the python backend come from the nvidia-pytriton wheel (pytriton/tritonserver/);
 `ServerConfig.binary` or a `tritonserver` on PATH is used when the wheel has none.
@@ -45,7 +45,6 @@ server that crashed (see the README on hostile HTTP bodies) leaves them behind (
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import ctypes.util
@@ -63,7 +62,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from components.errors import command
 from components.serve.errors import ServeError
 from components.serve.config import ServerConfig
 
@@ -364,22 +362,3 @@ class TritonServer:
         """{version: (state, reason)} of `model` in the index (READY, UNAVAILABLE, ...)."""
         return {int(r["version"]): (r.get("state", ""), r.get("reason", "")) for r in self.index()
                 if r.get("name") == model and r.get("version")}
-
-
-@command("serve.server")
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve a model repository with tritonserver until Ctrl-C.")
-    parser.add_argument("repository")
-    parser.add_argument("--load", action="append", default=[], help="model to load at start (repeatable)")
-    parser.add_argument("--log", default=None, help="server log file")
-    args = parser.parse_args(argv)
-    with TritonServer(args.repository, log_path=args.log, load=tuple(args.load)) as server:
-        print(f"HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  log {server.log_path}")
-        print(f"model-control header (keep private): {ADMIN_HEADER}: {server.token}")
-        with contextlib.suppress(KeyboardInterrupt):
-            while server.is_alive():
-                time.sleep(1)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
