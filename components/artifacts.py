@@ -27,11 +27,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 MANIFEST = "manifest.json"
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, sync: bool = False) -> str:
+    """The file's SHA-256; with `sync`, also fsynced (the bytes hashed are the bytes on disk)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+        if sync:
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 

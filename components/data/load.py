@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from components.data.config import SourceConfig
-from components.errors import InputError
+from components.errors import InputError, excerpt
 
 CANONICAL = ("id", "prompt", "response", "answer")
 Row = dict[str, Any]
@@ -84,7 +84,7 @@ def _canonical(record: dict[str, Any], cfg: SourceConfig, where: str, keep_extra
         elif name in ("id", "answer") and isinstance(value, (int, float)) and not isinstance(value, bool):
             row[name] = _number_text(value)  # numeric ids and answers are fine, kept as text
         else:
-            raise DataError(f"{where}: field {col!r} must be a string, got {type(value).__name__} {_short(value)}")
+            raise DataError(f"{where}: field {col!r} must be a string, got {type(value).__name__} {excerpt(value)}")
     if "answer" not in cfg.fields:
         row["answer"] = final_answer(row["response"], cfg.answer_marker)
     if "id" not in cfg.fields or row.get("id") in (None, ""):
@@ -102,11 +102,6 @@ def _number_text(value: int | float) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value) if isinstance(value, int) else format(value, "f").rstrip("0").rstrip(".")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _decode(raw: bytes, where: str, first: bool = True) -> str:
@@ -147,7 +142,7 @@ def _iter_jsonl(path: Path, cfg: SourceConfig, keep_extra: bool = False) -> Iter
             try:
                 record = json.loads(text, object_pairs_hook=_unique_keys)
             except _DuplicateKey as err:
-                raise DataError(f"{where}: duplicate key {_short(err.key)} in one object (which value is meant "
+                raise DataError(f"{where}: duplicate key {excerpt(err.key)} in one object (which value is meant "
                                 f"is ambiguous); keep one") from None
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: malformed JSON at column {err.colno}: {err.msg}") from None

@@ -29,7 +29,6 @@ before it. Hashing reads the checkpoint once more on save and on resume (about a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -42,6 +41,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from components.artifacts import sha256_file
 
 LATEST = "latest"
 HASHES = "hashes.json"
@@ -167,19 +168,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path, sync: bool = False) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-        if sync:  # the bytes hashed are the bytes on disk when the checkpoint is published
-            os.fsync(f.fileno())
-    return h.hexdigest()
-
-
 def _hash_files(folder: Path) -> dict[str, str]:
     """{relative path: SHA-256} of every file under `folder` (fsynced as it is read)."""
-    return {p.relative_to(folder).as_posix(): _sha256(p, sync=True)
+    return {p.relative_to(folder).as_posix(): sha256_file(p, sync=True)
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != HASHES}
 
 
@@ -290,7 +281,7 @@ def damage(path: str | os.PathLike) -> str | None:
             return f"{HASHES} names {name!r}, outside the checkpoint"
         if not file.is_file():
             return f"{name} is missing"
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             return f"{name} does not match its recorded hash (cut short or changed since it was saved)"
     return None
 
