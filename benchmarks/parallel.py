@@ -51,7 +51,6 @@ def worker(out: str, tp: int, pp: int, steps: int) -> None:
     from components.train import engine
     from components.train.batches import StreamBatches
     from components.train.config import TrainConfig
-    from components.train.parallel import pipe
 
     counts: dict[str, float] = {}
     state = {"on": False, "steps": 0}
@@ -88,11 +87,12 @@ def worker(out: str, tp: int, pp: int, steps: int) -> None:
         wrap(op)
 
     def measured(step_fn):
-        def step(self, eng, step, rank, world):
+        def step(self, step):
+            eng = self.par.engine if hasattr(self, "par") else self.engine
             if not groups:
                 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-                topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world // (pp * tp))
+                topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=td.get_world_size() // (pp * tp))
                 for name, axis in (("tensor", "model"), ("data", "data"), ("pipeline", "pipe")):
                     groups[name] = {tuple(r) for r in topo.get_axis_comm_lists(axis)}
             # this rank's trained parameters (its stage and slice), for the ZeRO formula
@@ -100,13 +100,15 @@ def worker(out: str, tp: int, pp: int, steps: int) -> None:
             state["on"] = step > 0  # the first step sends the pipeline's shape metadata; leave it out
             state["steps"] += step > 0
             try:
-                return step_fn(self, eng, step, rank, world)
+                return step_fn(self, step)
             finally:
                 state["on"] = False
         return step
 
-    engine.LanguageModeling.step = measured(engine.LanguageModeling.step)
-    pipe.PipelineLanguageModeling.step = measured(pipe.PipelineLanguageModeling.step)
+    from components.train.parallel.trainer import PipelineTrainer
+
+    engine.DataParallel.step = measured(engine.DataParallel.step)
+    PipelineTrainer.step = measured(PipelineTrainer.step)
 
     tok = ByteTokenizer()
     ids = torch.tensor(tok.encode(SHAKESPEARE.read_text(encoding="utf-8")[:400_000]), dtype=torch.long)
@@ -117,7 +119,7 @@ def worker(out: str, tp: int, pp: int, steps: int) -> None:
                       zero_stage=1, checkpoint_every=10**6, eval_every=0, eval_batches=1, pipeline_parallel=pp,
                       tensor_parallel=tp, curriculum_start=1.0)
     run = Path(out) / "run"
-    engine.train(model_cfg, cfg, StreamBatches(ids, T, B, 0), None, tok, run, progress=False)
+    engine.train(model_cfg, cfg, engine.LanguageModeling(StreamBatches(ids, T, B, 0)), None, tok, run, progress=False)
     rank = td.get_rank()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({

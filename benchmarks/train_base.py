@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from components.model import ByteTokenizer, ModelConfig, Transformer  # noqa: E402
 from components.train.batches import StreamBatches  # noqa: E402
 from components.train.config import TrainConfig  # noqa: E402
-from components.train.engine import train  # noqa: E402
+from components.train.engine import LanguageModeling, train  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 NANOGPT = ModelConfig(vocab_size=258, n_layer=4, n_head=4, n_embd=128, block_size=64)
@@ -56,7 +56,7 @@ def corpus() -> tuple[StreamBatches, StreamBatches]:
 def ours(model_cfg: ModelConfig, cfg: TrainConfig, train_b, val_b) -> tuple[dict, list[dict], float]:
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        summary = train(model_cfg, cfg, train_b, val_b, ByteTokenizer(), out, progress=False)
+        summary = train(model_cfg, cfg, LanguageModeling(train_b), val_b, ByteTokenizer(), out, progress=False)
         wall = time.perf_counter() - t0
         rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
     return summary, rows, wall
@@ -132,7 +132,8 @@ def main() -> None:
     for rate in (0.0, 0.001, 0.01):
         moe = ModelConfig(**{**NANOGPT.__dict__, "ffn": "moe", "moe_bias_update": rate})
         with tempfile.TemporaryDirectory() as out:
-            summary = train(moe, cfg_for(cmp_steps, "bf16"), train_b, val_b, ByteTokenizer(), out, progress=False)
+            summary = train(moe, cfg_for(cmp_steps, "bf16"), LanguageModeling(train_b), val_b, ByteTokenizer(), out,
+                            progress=False)
             model = Transformer(moe)
             from safetensors.torch import load_model
 

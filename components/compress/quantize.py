@@ -68,8 +68,7 @@ def decode_latency(model: Transformer, tokens: int, repeats: int, prompt_len: in
 def _qat(cfg, model_dir: Path, data_dir: Path, out: Path, progress: bool) -> Path:
     """Quantization-aware fine-tune of the float model (fake-quantized linears); its model folder."""
     from components.train.batches import RowBatches
-    from components.train.config import TrainConfig
-    from components.train.engine import train
+    from components.train.engine import LanguageModeling, train
     from components.model.folder import load_pretrained
     from components.data.split import read_split
     from components.train.batches import encode_pairs, val_batches
@@ -77,13 +76,12 @@ def _qat(cfg, model_dir: Path, data_dir: Path, out: Path, progress: bool) -> Pat
     model_cfg, state, tok = load_pretrained(model_dir)
     rows = read_split(data_dir, "train.jsonl")
     ids, starts = encode_pairs(rows, tok)
-    batches = RowBatches(ids, [1.0] * len(ids), model_cfg.block_size, 12, cfg.seed, tok.pad_id, loss_from=starts)
-    val = val_batches(read_split(data_dir, "val.jsonl"), tok, model_cfg.block_size, 12, cfg.seed)
-    tcfg = TrainConfig(steps=cfg.qat_steps, micro_batch=12, lr=cfg.qat_lr, warmup_steps=min(10, cfg.qat_steps - 1),
-                       precision="fp32", seed=cfg.seed, checkpoint_every=cfg.qat_steps, keep_checkpoints=1,
-                       eval_every=0, curriculum_start=1.0)
-    train(model_cfg, tcfg, batches, val, tok, out / "qat", progress=progress, init=state, freeze=fake_quantize,
-          stage={"name": "qat", "qat_steps": cfg.qat_steps, "qat_lr": cfg.qat_lr})
+    tcfg = cfg.qat_config()
+    batches = RowBatches(ids, [1.0] * len(ids), model_cfg.block_size, tcfg.micro_batch, cfg.seed, tok.pad_id,
+                         loss_from=starts)
+    val = val_batches(read_split(data_dir, "val.jsonl"), tok, model_cfg.block_size, tcfg.micro_batch, cfg.seed)
+    train(model_cfg, tcfg, LanguageModeling(batches), val, tok, out / "qat", progress=progress, init=state,
+          freeze=fake_quantize, stage={"name": "qat", "qat_steps": cfg.qat_steps, "qat_lr": cfg.qat_lr})
     return out / "qat" / "model"
 
 

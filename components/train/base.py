@@ -31,7 +31,7 @@ from components.data.load import DataError, inside_folder, load_canonical
 from components.model import BPETokenizer, ByteTokenizer, ModelConfig, load_tokenizer
 from components.train.batches import Curriculum, RowBatches, StreamBatches, difficulty
 from components.train.config import TokenizerConfig, TrainConfig
-from components.train.engine import train
+from components.train.engine import LanguageModeling, train
 
 
 def row_text(row: dict[str, Any]) -> str:
@@ -117,7 +117,7 @@ def run(model_cfg: ModelConfig, train_cfg: TrainConfig, tok_cfg: TokenizerConfig
         model_cfg = ModelConfig(**{**model_cfg.__dict__, "vocab_size": tok.vocab_size})
     # the starting weights join the run's fingerprint by content, not by path: a retried pod imports
     # the base model into a new temporary folder and must still resume
-    summary = train(model_cfg, train_cfg, train_b, val_b, tok, out, progress=progress, init=init)
+    summary = train(model_cfg, train_cfg, LanguageModeling(train_b), val_b, tok, out, progress=progress, init=init)
     if torch.distributed.get_rank() == 0:
         inputs = {"text": text} if text is not None else {"train": Path(data_dir) / "train.jsonl"}
         if init_dir is not None:

@@ -1,29 +1,35 @@
-"""Typed config of the training stages (the `train` section of params.yaml)."""
+"""Typed config of the training stages (the `train`, `reinforce`, `finetune` and `evaluate`
+sections of params.yaml; `distill` and quantization-aware training in components/compress/config.py).
+
+Every training stage is one `OptimizerConfig` (the optimiser, its schedule, precision, ZeRO, the
+seed, checkpoint and evaluation cadence) and fields of its own, flat in its section
+(`finetune.beta1`, `reinforce.weight_decay`); `train_config()` turns a stage into the engine's
+TrainConfig with every value taken from the section, none fixed on the way.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from components.config import require
 from components.train.precision import PRECISIONS
 
 
 @dataclass
-class TrainConfig:
-    """One training stage on DeepSpeed: optimisation, precision, ZeRO, checkpoints, logging."""
+class OptimizerConfig:
+    """What every training stage sets, and the engine (components/train/engine.py) reads: AdamW,
+    the warm-up + cosine schedule, precision, ZeRO, the seed, checkpoints and evaluation. A stage
+    config inherits these fields, changing a default (and its docstring) where the stage differs."""
 
     steps: int = 200
     """Optimizer steps (each of `grad_accum` micro-batches)."""
-    micro_batch: int = 12
-    """Sequences per micro-batch per process."""
-    grad_accum: int = 1
-    """Micro-batches accumulated into one optimizer step."""
     lr: float = 1e-3
     """Peak learning rate, reached after the warm-up."""
     min_lr_ratio: float = 0.1
     """The cosine schedule ends at lr * min_lr_ratio."""
     warmup_steps: int = 20
-    """Linear warm-up steps before the cosine decay."""
+    """Linear warm-up steps before the cosine decay (a later stage shorter than its warm-up warms
+    up over steps - 1)."""
     weight_decay: float = 0.1
     """AdamW weight decay (not applied to norms, biases and embeddings)."""
     beta1: float = 0.9
@@ -38,16 +44,8 @@ class TrainConfig:
     fp16 with dynamic loss scaling (DeepSpeed runs fp16 on GPUs only; on a CPU it is refused with
     a clear error)."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states) or 2 (and gradients).
-    With pipeline or tensor parallelism: 1, also over a single data-parallel rank (see
-    components/train/parallel/pipe.py)."""
-    pipeline_parallel: int = 1
-    """pp: pipeline stages (DeepSpeed PipelineModule; the blocks split evenly by parameters).
-    The launcher's world size must be a multiple of pp * tensor_parallel; dp = world / (pp * tp)."""
-    tensor_parallel: int = 1
-    """tp: ranks sharing each linear layer (Megatron column/row parallel; heads and the feed-forward's
-    hidden split, vocabulary-parallel embedding and loss). It must divide n_head, the hidden width
-    and the vocabulary size."""
+    """DeepSpeed ZeRO stage across data-parallel processes: 0 (plain data parallel), 1 (optimizer
+    states) or 2 (and gradients)."""
     seed: int = 0
     """Seeds the model's initialisation and the batch sampler (batch k depends only on seed, k)."""
     checkpoint_every: int = 50
@@ -58,6 +56,53 @@ class TrainConfig:
     """Measure the validation loss every this many steps (0: only at the end)."""
     eval_batches: int = 4
     """Validation micro-batches per measurement."""
+
+    def check(self) -> None:
+        require(self.steps >= 1, "steps: must be at least 1")
+        require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be > 0 and min_lr_ratio within [0, 1]")
+        require(self.warmup_steps >= 0, "warmup_steps: must not be negative")
+        require(self.weight_decay >= 0, "weight_decay: must not be negative")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2: must be within [0, 1)")
+        require(self.grad_clip >= 0, "grad_clip: must not be negative (0 disables clipping)")
+        require(self.precision in PRECISIONS, f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        require(self.zero_stage in (0, 1, 2), "zero_stage: must be 0, 1 or 2 (stage 3 is not supported)")
+        require(self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
+                "checkpoint_every and keep_checkpoints must be at least 1")
+        require(self.eval_every >= 0 and self.eval_batches >= 1, "eval_every >= 0 and eval_batches >= 1")
+
+    def batch_shape(self) -> tuple[int, int]:
+        """(micro_batch, grad_accum) of one optimizer step, per process."""
+        return self.micro_batch, self.grad_accum  # type: ignore[attr-defined]
+
+    def train_config(self) -> TrainConfig:
+        """The engine's TrainConfig of this stage: the fields above as they are (the warm-up cut to
+        steps - 1), the stage's batch shape, every row from the first step (no curriculum)."""
+        shared = {f.name: getattr(self, f.name) for f in fields(OptimizerConfig)}
+        micro_batch, grad_accum = self.batch_shape()
+        return TrainConfig(**{**shared, "warmup_steps": min(self.warmup_steps, self.steps - 1)},
+                           micro_batch=micro_batch, grad_accum=grad_accum, curriculum_start=1.0)
+
+
+@dataclass
+class TrainConfig(OptimizerConfig):
+    """The base stage on DeepSpeed, and the engine's view of every stage: the optimiser and its
+    schedule (OptimizerConfig), the batch, 3D parallelism and the curriculum."""
+
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states) or 2 (and gradients).
+    With pipeline or tensor parallelism: 1, also over a single data-parallel rank (see
+    components/train/parallel/pipe.py)."""
+    micro_batch: int = 12
+    """Sequences per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    pipeline_parallel: int = 1
+    """pp: pipeline stages (DeepSpeed PipelineModule; the blocks split evenly by parameters).
+    The launcher's world size must be a multiple of pp * tensor_parallel; dp = world / (pp * tp)."""
+    tensor_parallel: int = 1
+    """tp: ranks sharing each linear layer (Megatron column/row parallel; heads and the feed-forward's
+    hidden split, vocabulary-parallel embedding and loss). It must divide n_head, the hidden width
+    and the vocabulary size."""
     curriculum_start: float = 0.1
     """Base stage on rows: the first step draws only from this easiest fraction of the training
     rows (difficulty: mean rank of token length and bigram loss), growing linearly to all rows
@@ -72,20 +117,14 @@ class TrainConfig:
     """Steps of the sequence-length warm-up (0 disables it; set with `seq_len_start`)."""
 
     def check(self) -> None:
-        require(self.steps >= 1, "steps: must be at least 1")
+        super().check()
         require(self.micro_batch >= 1 and self.grad_accum >= 1, "micro_batch and grad_accum must be at least 1")
-        require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be > 0 and min_lr_ratio within [0, 1]")
-        require(0 <= self.warmup_steps < self.steps or self.steps == 1, "warmup_steps: must be below steps")
-        require(self.precision in PRECISIONS, f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        require(self.zero_stage in (0, 1, 2), "zero_stage: must be 0, 1 or 2 (stage 3 is not supported)")
+        require(self.warmup_steps < self.steps or self.steps == 1, "warmup_steps: must be below steps")
         require(self.pipeline_parallel >= 1 and self.tensor_parallel >= 1,
                 "pipeline_parallel and tensor_parallel: must be at least 1")
         require(self.zero_stage == 1 or self.pipeline_parallel * self.tensor_parallel == 1,
                 "zero_stage: must be 1 with pipeline or tensor parallelism (DeepSpeed's pipeline engine takes "
                 "ZeRO-1 at most, and its stage-0 gradient clipping miscounts the norm across stages)")
-        require(self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
-                "checkpoint_every and keep_checkpoints must be at least 1")
-        require(self.eval_every >= 0 and self.eval_batches >= 1, "eval_every >= 0 and eval_batches >= 1")
         require(0 < self.curriculum_start <= 1, "curriculum_start: must be within (0, 1] (1.0 disables the curriculum)")
         require(0 <= self.curriculum_steps <= self.steps, "curriculum_steps: must be within [0, steps] (0: steps // 2)")
         require(self.seq_len_start == 0 or self.seq_len_start >= 8,
@@ -93,6 +132,10 @@ class TrainConfig:
         require(0 <= self.seq_len_warmup_steps <= self.steps, "seq_len_warmup_steps: must be within [0, steps]")
         require((self.seq_len_start == 0) == (self.seq_len_warmup_steps == 0),
                 "seq_len_start and seq_len_warmup_steps: set both (warm-up on) or neither (off)")
+
+    def train_config(self) -> TrainConfig:
+        """The base stage is the engine's config itself."""
+        return self
 
 
 @dataclass
@@ -114,11 +157,33 @@ class TokenizerConfig:
 
 
 @dataclass
-class ReinforceConfig:
+class ReinforceConfig(OptimizerConfig):
     """The reinforcement stage: GRPO with verifiable rewards (DeepSeekMath / DeepSeek-R1)."""
 
     steps: int = 60
     """Optimizer steps (each on `prompts_per_step` groups)."""
+    lr: float = 5e-5
+    """Peak learning rate (warm-up, then cosine to lr * min_lr_ratio). Keep it well below the base stage's:
+    with batches this small, larger steps mostly perturb what the base learnt (measured: 2e-4
+    took a 1,500-step base from 0.243 to 0.141 held-out accuracy in 80 steps, 5e-5 kept 0.227;
+    on the small preset 3e-4 took 0.237 to 0.195, 5e-5 kept 0.231)."""
+    warmup_steps: int = 5
+    """Linear warm-up steps (cut to steps - 1 in a shorter stage)."""
+    precision: str = "fp32"
+    """auto, bf16, fp32 or fp16 (as train.precision); fp32 by default: the ratio exp(logp - old) wants it."""
+    seed: int = 0
+    """Seeds prompt choice and sampling (step s depends only on seed, s)."""
+    checkpoint_every: int = 20
+    """Checkpoint every this many steps (a multiple of updates_per_batch)."""
+    keep_checkpoints: int = 2
+    """Keep the newest this many checkpoints."""
+    eval_every: int = 20
+    """Validation loss (language modeling on val.jsonl) every this many steps (0: at the end only)."""
+    eval_micro_batch: int = 8
+    """Sequences per validation micro-batch."""
+    weight_decay: float = 0.0
+    """AdamW weight decay: none by default (the KL term and the small lr keep the policy near the
+    reference; decay would pull it towards zero instead)."""
     prompts_per_step: int = 4
     """Prompts per step per process, of one token length (decoded as one batch); each group is
     one micro-batch of the update."""
@@ -189,26 +254,11 @@ class ReinforceConfig:
     """LoRA: the adapters' output is scaled by lora_alpha / lora_rank."""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     """LoRA: the linears that get adapters, by their Hugging Face Llama names, comma-separated."""
-    lr: float = 5e-5
-    """Peak learning rate (warm-up, then cosine to lr * 0.1). Keep it well below the base stage's:
-    with batches this small, larger steps mostly perturb what the base learnt (measured: 2e-4
-    took a 1,500-step base from 0.243 to 0.141 held-out accuracy in 80 steps, 5e-5 kept 0.227;
-    on the small preset 3e-4 took 0.237 to 0.195, 5e-5 kept 0.231)."""
-    warmup_steps: int = 5
-    """Linear warm-up steps."""
-    precision: str = "fp32"
-    """auto, bf16, fp32 or fp16 (as train.precision); fp32 by default: the ratio exp(logp - old) wants it."""
-    zero_stage: int = 1
-    """DeepSpeed ZeRO stage across processes."""
-    seed: int = 0
-    """Seeds prompt choice and sampling (step s depends only on seed, s)."""
-    checkpoint_every: int = 20
-    """Checkpoint every this many steps (a multiple of updates_per_batch)."""
-    eval_every: int = 20
-    """Validation loss every this many steps (0: at the end only)."""
 
     def check(self) -> None:
-        require(self.steps >= 1 and self.prompts_per_step >= 1, "steps and prompts_per_step must be at least 1")
+        super().check()
+        require(self.prompts_per_step >= 1 and self.eval_micro_batch >= 1,
+                "prompts_per_step and eval_micro_batch must be at least 1")
         require(self.group_size >= 2, "group_size: at least 2 (advantages compare completions of a group)")
         require(self.updates_per_batch >= 1, "updates_per_batch: at least 1")
         require(self.steps % self.updates_per_batch == 0 and self.checkpoint_every % self.updates_per_batch == 0,
@@ -230,30 +280,30 @@ class ReinforceConfig:
         require(self.grow_layers >= 0, "grow_layers: must not be negative")
         require(self.lora_rank >= 0 and self.lora_alpha > 0, "lora_rank must not be negative, lora_alpha positive")
         _check_targets(self.lora_targets)
-        require(self.precision in PRECISIONS, f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
-    def train_config(self) -> TrainConfig:
-        """The engine's view: one micro-batch per prompt group."""
-        return TrainConfig(steps=self.steps, micro_batch=self.group_size, grad_accum=self.prompts_per_step,
-                           lr=self.lr, warmup_steps=min(self.warmup_steps, self.steps - 1), precision=self.precision,
-                           zero_stage=self.zero_stage, seed=self.seed, checkpoint_every=self.checkpoint_every,
-                           keep_checkpoints=2, eval_every=self.eval_every, curriculum_start=1.0, weight_decay=0.0)
+    def batch_shape(self) -> tuple[int, int]:
+        """One micro-batch per prompt group: group_size sequences, prompts_per_step of them per step."""
+        return self.group_size, self.prompts_per_step
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(OptimizerConfig):
     """The fine-tune stage: supervised prompt -> response, loss on the response tokens only."""
 
     steps: int = 100
     """Optimizer steps."""
+    lr: float = 3e-4
+    """Peak learning rate (warm-up, then cosine to lr * min_lr_ratio)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps (cut to steps - 1 in a shorter stage)."""
+    keep_checkpoints: int = 2
+    """Keep the newest this many checkpoints."""
+    eval_every: int = 50
+    """Validation loss (response tokens) every this many steps (0: at the end only)."""
     micro_batch: int = 12
-    """Sequences per micro-batch per process."""
+    """Sequences per micro-batch per process (validation micro-batches too)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    lr: float = 3e-4
-    """Peak learning rate (warm-up, then cosine to lr * 0.1)."""
-    warmup_steps: int = 10
-    """Linear warm-up steps."""
     train_top_layers: int = 2
     """Train only the top this many blocks (and the final norm); the embeddings, the tied output
     head and the blocks below stay frozen, bit for bit. 0 trains everything. Not used with LoRA."""
@@ -265,28 +315,13 @@ class FinetuneConfig:
     """LoRA: the adapters' output is scaled by lora_alpha / lora_rank."""
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     """LoRA: the linears that get adapters, by their Hugging Face Llama names, comma-separated."""
-    precision: str = "auto"
-    """auto, bf16, fp32 or fp16 (as train.precision)."""
-    zero_stage: int = 1
-    """DeepSpeed ZeRO stage across processes."""
-    seed: int = 0
-    """Seeds the batch sampler."""
-    checkpoint_every: int = 50
-    """Checkpoint every this many steps."""
-    eval_every: int = 50
-    """Validation loss (response tokens) every this many steps (0: at the end only)."""
 
     def check(self) -> None:
-        require(self.steps >= 1 and self.micro_batch >= 1 and self.grad_accum >= 1,
-                "steps, micro_batch and grad_accum must be at least 1")
-        require(self.lr > 0, "lr: must be > 0")
+        super().check()
+        require(self.micro_batch >= 1 and self.grad_accum >= 1, "micro_batch and grad_accum must be at least 1")
         require(self.train_top_layers >= 0, "train_top_layers: must not be negative (0 trains everything)")
         require(self.lora_rank >= 0 and self.lora_alpha > 0, "lora_rank must not be negative, lora_alpha positive")
         _check_targets(self.lora_targets)
-        require(self.precision in PRECISIONS, f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-
-    def train_config(self) -> TrainConfig:
-        return engine_config(self)
 
 
 def _check_targets(targets: str) -> None:
@@ -295,16 +330,6 @@ def _check_targets(targets: str) -> None:
     names = [t.strip() for t in targets.split(",") if t.strip()]
     bad = [t for t in names if t not in LORA_TARGETS]
     require(bool(names) and not bad, f"lora_targets: {', '.join(bad) or 'empty'} not among {', '.join(LORA_TARGETS)}")
-
-
-def engine_config(stage) -> TrainConfig:
-    """The engine's TrainConfig for a later stage (finetune, distill) from its own config's
-    steps, batch, lr, warm-up, precision, ZeRO stage, seed and checkpoint/eval cadence: every row
-    from the start (no curriculum), two checkpoints kept."""
-    return TrainConfig(steps=stage.steps, micro_batch=stage.micro_batch, grad_accum=stage.grad_accum, lr=stage.lr,
-                       warmup_steps=min(stage.warmup_steps, stage.steps - 1), precision=stage.precision,
-                       zero_stage=stage.zero_stage, seed=stage.seed, checkpoint_every=stage.checkpoint_every,
-                       keep_checkpoints=2, eval_every=stage.eval_every, curriculum_start=1.0)
 
 
 @dataclass

@@ -1,12 +1,17 @@
 """The training engine: one stage of training on DeepSpeed, resumable to the bit.
 
-    from components.train.engine import train
-    summary = train(model_cfg, train_cfg, train_batches, val_batches, tokenizer, "runs/base")
+    from components.train.engine import LanguageModeling, train
+    summary = train(model_cfg, train_cfg, LanguageModeling(train_batches), val_batches, tokenizer, "runs/base")
 
 DeepSpeed owns the optimisation: AdamW (torch's), the warm-up + cosine schedule
 (WarmupCosineLR), bf16 mixed precision or fp32, ZeRO stage 0/1/2, gradient accumulation and
 clipping. One process is enough (this module sets up a single-rank gloo group when no launcher
 did); `deepspeed --num_gpus N` starts N data-parallel ranks of the same code.
+
+What a step computes is the stage's Objective (LanguageModeling below, GRPO, Distillation); how
+it runs over the ranks is a Trainer, chosen once by `trainer`: DataParallel (below) or, with
+pipeline or tensor parallelism, parallel/trainer.py's PipelineTrainer. `train`'s loop is the
+same for both.
 
 Every `checkpoint_every` steps a checkpoint is written (components/train/checkpoint.py:
 safetensors + JSON, atomic). Called again on the same output folder, `train` resumes from the
@@ -44,10 +49,13 @@ from components.train.precision import resolve as resolve_precision
 class Batches(Protocol):
     def get(self, step: int, micro: int = 0) -> Batch: ...
 
+    def fingerprint(self) -> str:
+        """A digest of the data and the sampler's shape: a checkpoint resumes only on the same."""
+
 
 class Objective(Protocol):
-    """What one optimizer step of a stage does; the engine owns everything around it (resume,
-    logging, checkpoints, evaluation, export)."""
+    """What one optimizer step of a stage does on a data-parallel engine; the engine owns
+    everything around it (resume, logging, checkpoints, evaluation, export)."""
 
     def step(self, engine, step: int, rank: int, world: int) -> dict[str, Any]:
         """Run `grad_accum` micro-steps (engine.backward + engine.step each); return the step's
@@ -58,6 +66,47 @@ class Objective(Protocol):
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """Extra modules whose weights a checkpoint carries (a frozen reference model...)."""
+
+
+class Trainer(Protocol):
+    """How a stage's optimizer steps run, chosen once per run (`trainer`): DeepSpeed engines
+    holding the whole model on every rank (DataParallel, below), or DeepSpeed's PipelineEngine
+    over pipeline x tensor x data-parallel ranks (components/train/parallel/trainer.py). The loop
+    in `train` (resume, logging, checkpoints, evaluation, export) is the same for both and knows
+    nothing of the layout."""
+
+    model: Transformer
+    """The single-device model (its parameter count, MoE layers and LoRA adapters)."""
+    moe_local: set[int] | None
+    """ids of the MoE layers this rank runs (None: every one; see balance_experts)."""
+    batch_ranks: int | None
+    """What joins the run's fingerprint (run_fingerprint's `dp`): the data-parallel ranks when any
+    topology with the same global batch may resume a checkpoint; None when only the same world
+    size may (check_resumable says so)."""
+
+    def step(self, step: int) -> dict[str, Any]:
+        """One optimizer step (every micro-batch forward and backward, then the update) on this
+        rank; the metrics: "loss" (over the global batch), "tokens" (every data-parallel rank's)
+        and the stage's own."""
+
+    def lr(self) -> float:
+        """The learning rate of the step just taken."""
+
+    def evaluate(self, batches: Batches, n: int) -> float:
+        """Mean loss over `n` fixed validation batches."""
+
+    def resume(self, path: Path, run_id: dict[str, Any]) -> int:
+        """Refuse a checkpoint this run cannot continue exactly, else load it; its step."""
+
+    def save(self, root: Path, step: int, run_id: dict[str, Any], keep: int) -> None:
+        """Write checkpoint `step` under `root` (a collective)."""
+
+    def weights(self, root: Path) -> dict[str, torch.Tensor]:
+        """The trained fp32 weights by their single-device names, whole on rank 0 (a collective;
+        `root`: the checkpoints, the last of which the step before wrote)."""
+
+    def num_params(self) -> int:
+        """Parameters of the single-device model."""
 
 
 class LanguageModeling:
@@ -80,10 +129,69 @@ class LanguageModeling:
         return {"loss": mean_over_ranks(total / accum, world), "tokens": tokens}
 
     def fingerprint(self) -> str | None:
-        return self.batches.fingerprint() if hasattr(self.batches, "fingerprint") else None
+        return self.batches.fingerprint()
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {}
+
+
+class DataParallel:
+    """The Trainer of every stage but a pipelined or tensor-parallel base: each rank holds the
+    whole model in a DeepSpeed engine (ZeRO 0-2 across ranks); `objective` runs the micro-batches."""
+
+    moe_local = None
+    batch_ranks = None
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, objective: Objective,
+                 init: dict[str, torch.Tensor] | None = None, freeze: Callable[[Transformer], None] | None = None):
+        self.engine, self.model = build_engine(model_cfg, cfg, init, freeze)
+        self.objective, self.fp16 = objective, cfg.precision == "fp16"
+        self.extra_modules = objective.modules()
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        # the exact starting values of the frozen weights (the module holds them cast for compute)
+        self.frozen = {n: init[n].float() for n, p in self.model.named_parameters() if not p.requires_grad} if init else {}
+
+    def step(self, step: int) -> dict[str, Any]:
+        result = self.objective.step(self.engine, step, self.rank, self.world)
+        result["tokens"] *= self.world
+        if self.fp16:
+            result.update(loss_scale=float(self.engine.optimizer.loss_scale), skipped_steps=self.engine.skipped_steps)
+        return result
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def evaluate(self, batches: Batches, n: int) -> float:
+        return evaluate(self.engine, batches, n)
+
+    def resume(self, path: Path, run_id: dict[str, Any]) -> int:
+        check_resumable(path, run_id, self.world)
+        return checkpoint.load(path, self.engine, self.extra_modules)["step"]
+
+    def save(self, root: Path, step: int, run_id: dict[str, Any], keep: int) -> None:
+        checkpoint.save(root, step, self.engine, extra=run_id, keep=keep, modules=self.extra_modules)
+
+    def weights(self, root: Path) -> dict[str, torch.Tensor]:
+        return fp32_state(self.engine, self.frozen)  # every rank: gathering ZeRO's fp32 partitions is a collective
+
+    def num_params(self) -> int:
+        return self.model.num_params()
+
+
+def trainer(model_cfg: ModelConfig, cfg: TrainConfig, objective: Objective,
+            init: dict[str, torch.Tensor] | None = None,
+            freeze: Callable[[Transformer], None] | None = None) -> Trainer:
+    """The run's Trainer: 3D-parallel when cfg asks for pipeline or tensor parallelism (the base
+    stage's language modeling only), data-parallel otherwise."""
+    if cfg.pipeline_parallel * cfg.tensor_parallel == 1:
+        return DataParallel(model_cfg, cfg, objective, init, freeze)
+    if freeze is not None or not isinstance(objective, LanguageModeling):
+        raise ConfigError("train.pipeline_parallel / tensor_parallel: only the base stage's language modeling "
+                          "runs pipelined or tensor-parallel; keep both at 1 for the other stages")
+    from components.train.parallel.trainer import PipelineTrainer
+
+    _single_process_group()
+    return PipelineTrainer(model_cfg, cfg, objective.batches, deepspeed_config, init)
 
 
 def mean_over_ranks(value: float, world: int) -> float:
@@ -256,48 +364,28 @@ def _cut_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Objective,
-          val_batches: Batches | None, tokenizer: Any, out_dir: str | os.PathLike, progress: bool = True,
+def train(model_cfg: ModelConfig, cfg: TrainConfig, objective: Objective, val_batches: Batches | None,
+          tokenizer: Any, out_dir: str | os.PathLike, progress: bool = True,
           init: dict[str, torch.Tensor] | None = None, freeze: Callable[[Transformer], None] | None = None,
           stage: dict[str, Any] | None = None, adapter_base: str = "") -> dict[str, Any]:
     """Train (or resume) one stage into `out_dir`; returns the summary metrics.
 
-    `train_batches` is a batch sampler (language modeling) or an Objective (GRPO...). `init`
-    and `freeze` go to build_engine; `stage` (JSON) joins the run's fingerprint, so a checkpoint
-    only resumes the same stage settings, and is recorded in the exported model/manifest.json.
-    When `freeze` added LoRA adapters (components/model/lora.py), model/ holds the merged weights
-    and adapter/ the adapters in PEFT's layout (`adapter_base`: the base model they belong to)."""
+    `objective`: what a step does (LanguageModeling(batches) for the base and fine-tune stages,
+    GRPO, distillation...). `init` and `freeze` go to build_engine; `stage` (JSON) joins the
+    run's fingerprint, so a checkpoint only resumes the same stage settings, and is recorded in
+    the exported model/manifest.json. When `freeze` added LoRA adapters (components/model/lora.py),
+    model/ holds the merged weights and adapter/ the adapters in PEFT's layout (`adapter_base`:
+    the base model they belong to)."""
     out = Path(out_dir)
-    par = None
-    if cfg.pipeline_parallel * cfg.tensor_parallel > 1:  # 3D parallel: components/train/parallel
-        from components.train.parallel import pipe, state as par_state
-
-        if freeze is not None or hasattr(train_batches, "step"):
-            raise ConfigError("train.pipeline_parallel / tensor_parallel: only the base stage's language modeling "
-                              "runs pipelined or tensor-parallel; keep both at 1 for the other stages")
-        _single_process_group()
-        par = pipe.build(model_cfg, cfg, deepspeed_config, init)
-        engine, model = par.engine, par.model
-        objective = pipe.PipelineLanguageModeling(train_batches, par)
-    else:
-        objective = train_batches if hasattr(train_batches, "step") else LanguageModeling(train_batches)
-        engine, model = build_engine(model_cfg, cfg, init, freeze)
+    run = trainer(model_cfg, cfg, objective, init, freeze)
     out.mkdir(parents=True, exist_ok=True)
-    frozen = {n: init[n].float() for n, p in model.named_parameters() if not p.requires_grad} if init else {}
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
     start = 0
-    run_id = {"fingerprint": run_fingerprint(model_cfg, cfg, stage, init, par.topology.dp if par else None),
+    run_id = {"fingerprint": run_fingerprint(model_cfg, cfg, stage, init, run.batch_ranks),
               "data": objective.fingerprint()}
-    extra_modules = objective.modules()
     resume_from = checkpoint.resume_point(out / "checkpoints", log if rank == 0 else None)
     if resume_from is not None:
-        if par is not None:
-            par_state.check_resumable(resume_from, run_id)
-            state = par_state.load(resume_from, par)
-        else:
-            check_resumable(resume_from, run_id, world)
-            state = checkpoint.load(resume_from, engine, extra_modules)
-        start = state["step"]
+        start = run.resume(resume_from, run_id)
         if rank == 0:
             log.info("train: resuming from %s (step %d of %d)", resume_from, start, cfg.steps)
     metrics_path = out / "metrics.jsonl"
@@ -309,18 +397,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            result = objective.step(engine, step, rank, world)
-            balance_experts(model, par.local_moe if par else None)
+            result = run.step(step)
+            balance_experts(run.model, run.moe_local)
             tokens = result.pop("tokens")
-            tokens = result.pop("global_tokens", tokens * world)  # every data-parallel rank's
-            record = {"step": step + 1, "loss": result.pop("loss"), "lr": engine.get_lr()[0],
+            record = {"step": step + 1, "loss": result.pop("loss"), "lr": run.lr(),
                       "tokens_per_s": tokens / (time.perf_counter() - t0), **result}
-            if cfg.precision == "fp16":
-                record.update(loss_scale=float(engine.optimizer.loss_scale), skipped_steps=engine.skipped_steps)
             last = step + 1 == cfg.steps
             if val_batches is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                val_loss = record["val_loss"] = (pipe.evaluate if par else evaluate)(engine, val_batches,
-                                                                                      cfg.eval_batches)
+                val_loss = record["val_loss"] = run.evaluate(val_batches, cfg.eval_batches)
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
@@ -331,29 +415,19 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, train_batches: Batches | Obj
                 status += f", loss scale {record['loss_scale']:g}, {record['skipped_steps']} skipped"
             bar.update(status=status + (f", {record['tokens_per_s']:,.0f} tok/s" if bar.bar else ""), tokens=tokens)
             if last or (step + 1) % cfg.checkpoint_every == 0:
-                if par is not None:
-                    par_state.save(out / "checkpoints", step + 1, par, extra=run_id, keep=cfg.keep_checkpoints)
-                else:
-                    checkpoint.save(out / "checkpoints", step + 1, engine, extra=run_id,
-                                    keep=cfg.keep_checkpoints, modules=extra_modules)
+                run.save(out / "checkpoints", step + 1, run_id, cfg.keep_checkpoints)
     finally:
         bar.close()
         if metrics_file:
             metrics_file.close()
-    if par is not None:  # the last step's checkpoint holds every weight whole
-        summary = summarize(metrics_path, pipe.num_params(model_cfg), val_loss)
-        state = par_state.full_weights(checkpoint.latest(out / "checkpoints")) if rank == 0 else {}
-        if model_cfg.tie_embeddings and rank == 0:
-            state["lm_head.weight"] = state["wte.weight"]
-    else:
-        summary = summarize(metrics_path, model.num_params(), val_loss)
-        state = fp32_state(engine, frozen)  # every rank: gathering ZeRO's fp32 partitions is a collective
-        if lora.lora_modules(model):
-            if rank == 0:
-                with atomic_dir(out / "adapter") as tmp:
-                    lora.save_adapter(tmp, model, adapter_base, state)
-                    (tmp / "manifest.json").write_text(json.dumps({"step": "train", "stage": stage or {}}) + "\n")
-            state = lora.merged_state(model, state)
+    summary = summarize(metrics_path, run.num_params(), val_loss)
+    state = run.weights(out / "checkpoints")
+    if lora.lora_modules(run.model):
+        if rank == 0:
+            with atomic_dir(out / "adapter") as tmp:
+                lora.save_adapter(tmp, run.model, adapter_base, state)
+                (tmp / "manifest.json").write_text(json.dumps({"step": "train", "stage": stage or {}}) + "\n")
+        state = lora.merged_state(run.model, state)
     if rank == 0:
         export(out / "model", state, model_cfg, tokenizer, stage)
         plot_losses(metrics_path, out / "loss.png")

@@ -29,7 +29,7 @@ from components.data.split import read_split
 from components.model import Transformer
 from components.train.batches import RowBatches, encode_pairs, val_batches
 from components.train.config import FinetuneConfig, ReinforceConfig
-from components.train.engine import train
+from components.train.engine import LanguageModeling, train
 from components.model.folder import load_pretrained
 from components.train.pretrained import deepen, freeze_below
 
@@ -94,7 +94,7 @@ def run_reinforce(cfg: ReinforceConfig, init_dir: str | os.PathLike, data_dir: s
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "selection.json", sel)
     train_cfg = cfg.train_config()
-    val = val_batches(read_split(data_dir, "val.jsonl"), tok, model_cfg.block_size, 8, cfg.seed)
+    val = val_batches(read_split(data_dir, "val.jsonl"), tok, model_cfg.block_size, cfg.eval_micro_batch, cfg.seed)
     summary = train(model_cfg, train_cfg, objective, val, tok, out, progress=progress, init=state,
                     freeze=_lora(cfg), stage={"name": "reinforce", **asdict(cfg)}, adapter_base=str(init_dir))
     summary.update(_tail_means(out / "metrics.jsonl", ("reward", "accuracy", "format", "kl", "length", "flat_groups",
@@ -128,7 +128,7 @@ def run_finetune(cfg: FinetuneConfig, init_dir: str | os.PathLike, data_dir: str
                          cfg.seed, tok.pad_id, loss_from=starts)
     val = val_batches(read_split(data_dir, "val.jsonl"), tok, model_cfg.block_size, cfg.micro_batch, cfg.seed)
     freeze = _lora(cfg) or (lambda m: freeze_below(m, cfg.train_top_layers))
-    summary = train(model_cfg, cfg.train_config(), batches, val, tok, out, progress=progress, init=state,
+    summary = train(model_cfg, cfg.train_config(), LanguageModeling(batches), val, tok, out, progress=progress, init=state,
                     freeze=freeze, stage={"name": "finetune", **asdict(cfg)}, adapter_base=str(init_dir))
     if torch.distributed.get_rank() == 0:
         finish(out, "train.finetune", {"init": Path(init_dir) / "model.safetensors",

@@ -17,7 +17,7 @@ import torch
 from components.model import ByteTokenizer, ModelConfig
 from components.train.batches import StreamBatches
 from components.train.config import TrainConfig
-from components.train.engine import train
+from components.train.engine import LanguageModeling, train
 
 argv = [a for a in sys.argv if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
 out, pp, tp, steps, accum = argv[1], int(argv[2]), int(argv[3]), int(argv[4]), int(argv[5])
@@ -36,6 +36,6 @@ cfg = TrainConfig(steps=steps, micro_batch=2, grad_accum=accum, lr=3e-3, warmup_
                   checkpoint_every=int(os.environ.get("CHECKPOINT_EVERY", "10")), keep_checkpoints=5,
                   eval_every=0, eval_batches=1, pipeline_parallel=pp, tensor_parallel=tp, zero_stage=1)
 n = int(ids.numel() * 0.9)
-summary = train(model_cfg, cfg, StreamBatches(ids[:n], 32, 2, 0), StreamBatches(ids[n:], 32, 2, 1), tok, out,
-                progress=False)
+train_b, val_b = StreamBatches(ids[:n], 32, 2, 0), StreamBatches(ids[n:], 32, 2, 1)
+summary = train(model_cfg, cfg, LanguageModeling(train_b), val_b, tok, out, progress=False)
 print("SUMMARY", summary)

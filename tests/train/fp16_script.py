@@ -25,7 +25,7 @@ cpu_accelerator.CPU_Accelerator.is_fp16_supported = lambda self: True
 from components.model import ByteTokenizer, ModelConfig  # noqa: E402
 from components.train.batches import StreamBatches  # noqa: E402
 from components.train.config import TrainConfig  # noqa: E402
-from components.train.engine import build_engine, train  # noqa: E402
+from components.train.engine import LanguageModeling, build_engine, train  # noqa: E402
 
 out = Path([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0])
 model_cfg = ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=32, block_size=16)
@@ -50,4 +50,4 @@ for step in range(6):
 
 text = "".join(f"{a} plus {b} is {a + b}. " for a in range(30) for b in range(0, 30, 3))
 ids = torch.tensor(ByteTokenizer().encode(text), dtype=torch.long)
-train(model_cfg, cfg, StreamBatches(ids, 16, 2, 0), None, ByteTokenizer(), out / "run", progress=False)
+train(model_cfg, cfg, LanguageModeling(StreamBatches(ids, 16, 2, 0)), None, ByteTokenizer(), out / "run", progress=False)

@@ -227,30 +227,6 @@ def build(model_cfg: ModelConfig, cfg, ds_config: Callable[[Any, int], dict[str,
     return Parallel(engine, model, topo, names, tp_group, tp_rank)
 
 
-class PipelineLanguageModeling:
-    """The base objective on the PipelineEngine: `grad_accum` micro-batches per step through the
-    1F1B schedule; micro-batch m of data rank r is batch (step, m * dp + r)."""
-
-    def __init__(self, batches, par: Parallel):
-        self.batches, self.par = batches, par
-
-    def _micro(self, step: int) -> list:
-        dp, accum = self.par.topology.dp, self.par.engine.gradient_accumulation_steps()
-        return [self.batches.get(step, m * dp + self.par.dp_rank) for m in range(accum)]
-
-    def step(self, engine, step: int, rank: int, world: int) -> dict[str, Any]:
-        micro = self._micro(step)
-        loss = engine.train_batch(iter([(b.idx, (b.targets, b.weights)) for b in micro]))
-        tokens = sum(b.tokens for b in micro)
-        return {"loss": float(loss), "tokens": tokens, "global_tokens": tokens * self.par.topology.dp}
-
-    def fingerprint(self) -> str | None:
-        return self.batches.fingerprint() if hasattr(self.batches, "fingerprint") else None
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {}
-
-
 @torch.no_grad()
 def evaluate(engine, batches, n: int) -> float:
     """Mean loss over `n` fixed validation batches (every data rank evaluates the same ones)."""
