@@ -24,6 +24,10 @@
     distillery schedule --host http://localhost:8080 --cron "0 3 * * 1"   # recurring retraining; --list
     distillery render-job --stage base --out job.yaml        # the distributed training job (PyTorchJob/TrainJob)
     distillery params --preset tiny                         # the resolved parameters
+    distillery ops [--build deepspeed_shm_comm]             # DeepSpeed's C++ op builds: dead locks cleared
+
+This module is the one command-line parser; each command's function (cmd_*) calls the step's
+function in components/ or pipelines/.
 
 Every command reads params.yaml as it is (`--params FILE`), or composes a preset from conf/
 (`--preset tiny`, as `dvc exp run -S preset=tiny` does), and takes overrides (`--set filter.folds=3`). Bad input or parameters end with one line naming the file, line or
@@ -432,6 +436,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\n".join(summary(run.steps, run.seconds, run.reports, registry, commands, latest)))
 
 
+def cmd_ops(args: argparse.Namespace) -> None:
+    from components.train import opbuild
+
+    if args.build:
+        print(f"ops: built {args.build} in {opbuild.build(args.build)}")
+        return
+    for line in opbuild.report():
+        print(line)
+
+
 def cmd_params(args: argparse.Namespace) -> None:
     if args.composed:  # what DVC's Hydra writes to params.yaml for `dvc exp run -S preset=P`
         from pipelines.params import REPO_PARAMS, compose, conf_dir
@@ -648,9 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="show everything the steps print (KFP's executor "
                      "input, DeepSpeed...), not only their progress")
     run.set_defaults(func=cmd_run)
-    from pipelines.submit import add_parsers
-
-    add_parsers(sub, common, cmd_submit, cmd_schedule)
+    _kfp_parsers(sub, common)
     job = sub.add_parser("render-job", parents=[common],
                          help="write the distributed training job (cluster.job_kind) and its params for kubectl")
     job.add_argument("--stage", choices=["base", "reinforce", "finetune"], default="base")
@@ -665,7 +677,44 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--composed", action="store_true",
                      help="print the Hydra composition of --preset (what params.yaml holds), not every field")
     par.set_defaults(func=cmd_params)
+    ops = sub.add_parser("ops", help="DeepSpeed's just-in-time C++ ops: clear dead builds' locks, list live builds")
+    ops.add_argument("--build", metavar="OP", help="build an op now, bounded by $DISTILLERY_OP_BUILD_TIMEOUT "
+                     "seconds (deepspeed_shm_comm: only DeepSpeed's inference uses it)")
+    ops.set_defaults(func=cmd_ops)
     return parser
+
+
+def _kfp_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The submit and schedule subcommands, with params.yaml's --params/--preset/--set (`common`)."""
+    from pipelines.cluster import PIPELINE_NAME
+    from pipelines.submit import CPU_HELP, MAX_CONCURRENCY
+
+    kfp = argparse.ArgumentParser(add_help=False, parents=[common])
+    kfp.add_argument("--host", required=True, help="the KFP API / UI URL, e.g. http://localhost:8080 (a port-forward)")
+    kfp.add_argument("--namespace", help="multi-user Kubeflow: your profile's namespace (default: none, single-user)")
+    kfp.add_argument("--token-env", metavar="VAR", help="send the bearer token held in environment variable VAR")
+    kfp.add_argument("--experiment", default=PIPELINE_NAME, help="the experiment (made if missing)")
+    kfp.add_argument("--pipeline-name", default=PIPELINE_NAME, help="the pipeline (a new version is uploaded)")
+    kfp.add_argument("--source", help="the run's source_uri: a data file the pods can read (default: sample set)")
+    kfp.add_argument("--cpu", action="store_true", help=CPU_HELP)
+    sbm = sub.add_parser("submit", parents=[kfp], help="compile, upload (a new version) and run on Kubeflow")
+    sbm.add_argument("--run-name", help="default: '<pipeline> <UTC time> UTC'")
+    sbm.add_argument("--wait", action="store_true", help="wait for the run to end; exit 1 unless it succeeded")
+    sbm.add_argument("--timeout", type=float, default=86400, help="--wait: give up after this many seconds")
+    sbm.set_defaults(func=cmd_submit)
+    sch = sub.add_parser("schedule", parents=[kfp], help="a recurring run (scheduled retraining); --list, --disable")
+    what = sch.add_mutually_exclusive_group(required=True)
+    what.add_argument("--cron", help='"0 3 * * 1" (5 fields get "0 " first for KFP\'s seconds) or 6 fields; UTC')
+    what.add_argument("--list", action="store_true", help="list the recurring runs")
+    what.add_argument("--delete", metavar="ID", help="delete a recurring run")
+    what.add_argument("--disable", metavar="ID", help="disable a recurring run (it stays, stopped)")
+    sch.add_argument("--name", default=f"{PIPELINE_NAME} retraining", help="the recurring run's name")
+    sch.add_argument("--max-concurrency", type=int, default=1, help=f"runs at once, 1 to {MAX_CONCURRENCY} (default 1)")
+    sch.add_argument("--catchup", action=argparse.BooleanOptionalAction, default=False,
+                     help="after a pause, run every missed slot (default: no, only the latest)")
+    sch.add_argument("--start", help="first time it may run, ISO 8601 (no zone: UTC)")
+    sch.add_argument("--end", help="last time it may run, ISO 8601 (no zone: UTC)")
+    sch.set_defaults(func=cmd_schedule)
 
 
 @command("distillery")

@@ -295,41 +295,7 @@ def disable_schedule(client: Any, recurring_run_id: str, *, host: str) -> None:
         client.disable_recurring_run(recurring_run_id)
 
 
-# --- the `distillery submit` / `distillery schedule` commands (pipelines/cli.py registers them) ---
-
-
-def add_parsers(sub: Any, common: Any, submit_func: Any, schedule_func: Any) -> None:
-    """The submit and schedule subcommands, with params.yaml's --params/--preset/--set (`common`)."""
-    import argparse
-
-    from pipelines.cluster import PIPELINE_NAME
-
-    kfp = argparse.ArgumentParser(add_help=False, parents=[common])
-    kfp.add_argument("--host", required=True, help="the KFP API / UI URL, e.g. http://localhost:8080 (a port-forward)")
-    kfp.add_argument("--namespace", help="multi-user Kubeflow: your profile's namespace (default: none, single-user)")
-    kfp.add_argument("--token-env", metavar="VAR", help="send the bearer token held in environment variable VAR")
-    kfp.add_argument("--experiment", default=PIPELINE_NAME, help="the experiment (made if missing)")
-    kfp.add_argument("--pipeline-name", default=PIPELINE_NAME, help="the pipeline (a new version is uploaded)")
-    kfp.add_argument("--source", help="the run's source_uri: a data file the pods can read (default: sample set)")
-    kfp.add_argument("--cpu", action="store_true", help=CPU_HELP)
-    sbm = sub.add_parser("submit", parents=[kfp], help="compile, upload (a new version) and run on Kubeflow")
-    sbm.add_argument("--run-name", help="default: '<pipeline> <UTC time> UTC'")
-    sbm.add_argument("--wait", action="store_true", help="wait for the run to end; exit 1 unless it succeeded")
-    sbm.add_argument("--timeout", type=float, default=86400, help="--wait: give up after this many seconds")
-    sbm.set_defaults(func=submit_func)
-    sch = sub.add_parser("schedule", parents=[kfp], help="a recurring run (scheduled retraining); --list, --disable")
-    what = sch.add_mutually_exclusive_group(required=True)
-    what.add_argument("--cron", help='"0 3 * * 1" (5 fields get "0 " first for KFP\'s seconds) or 6 fields; UTC')
-    what.add_argument("--list", action="store_true", help="list the recurring runs")
-    what.add_argument("--delete", metavar="ID", help="delete a recurring run")
-    what.add_argument("--disable", metavar="ID", help="disable a recurring run (it stays, stopped)")
-    sch.add_argument("--name", default=f"{PIPELINE_NAME} retraining", help="the recurring run's name")
-    sch.add_argument("--max-concurrency", type=int, default=1, help=f"runs at once, 1 to {MAX_CONCURRENCY} (default 1)")
-    sch.add_argument("--catchup", action=argparse.BooleanOptionalAction, default=False,
-                     help="after a pause, run every missed slot (default: no, only the latest)")
-    sch.add_argument("--start", help="first time it may run, ISO 8601 (no zone: UTC)")
-    sch.add_argument("--end", help="last time it may run, ISO 8601 (no zone: UTC)")
-    sch.set_defaults(func=schedule_func)
+# --- the `distillery submit` / `distillery schedule` commands (their parsers: pipelines/cli.py) ---
 
 
 def _package(args: Any, overrides: dict[str, Any], folder: str, command: str) -> Path:

@@ -146,3 +146,37 @@ def _private_imports(root: Path) -> list[str]:
 
 def test_no_module_imports_another_modules_private_helpers():
     assert _private_imports(ROOT) == []
+
+
+def test_the_check_sees_a_private_import(tmp_path):
+    (tmp_path / "components").mkdir()
+    (tmp_path / "components" / "a.py").write_text("def f():\n    from components.b import _helper\n")
+    assert _private_imports(tmp_path) == ["components.a imports components.b._helper"]
+
+
+PARSER_CALLS = {"ArgumentParser", "add_parser", "add_subparsers", "add_argument", "add_mutually_exclusive_group"}
+
+
+def _parsers(root: Path) -> list[str]:
+    """Where the suite builds a command-line parser outside pipelines/cli.py, the one parser module."""
+    found = []
+    for name, path in _modules(root).items():
+        if name == "pipelines.cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if called in PARSER_CALLS:
+                    found.append(f"{name}:{node.lineno} calls {called}")
+    return found
+
+
+def test_the_command_line_is_parsed_in_one_module():
+    assert _parsers(ROOT) == [], "add the command's arguments to pipelines/cli.py build_parser"
+
+
+def test_the_check_sees_a_parser_built_elsewhere(tmp_path):
+    (tmp_path / "components").mkdir()
+    (tmp_path / "components" / "tool.py").write_text(
+        "import argparse\n\ndef main():\n    ap = argparse.ArgumentParser()\n    ap.add_argument('--x')\n")
+    assert _parsers(tmp_path) == ["components.tool:4 calls ArgumentParser", "components.tool:5 calls add_argument"]

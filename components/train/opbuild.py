@@ -1,8 +1,8 @@
 """DeepSpeed's just-in-time C++ ops at a training start: no start waits on a dead build's lock.
 
     opbuild.guard()          # before DeepSpeed initializes (engine._single_process_group)
-    python -m components.train.opbuild                           # clear dead builds' locks, list the rest
-    python -m components.train.opbuild --build deepspeed_shm_comm  # build an op now, bounded
+    distillery ops                                # clear dead builds' locks, list the rest (`report`)
+    distillery ops --build deepspeed_shm_comm     # build an op now, bounded (`build`)
 
 On the CPU accelerator the only op DeepSpeed compiles at a start is its communication backend's
 shared-memory op, `deepspeed_shm_comm` (comm/torch.py `build_shm_op`; `deepspeed_ccl_comm` under
@@ -34,7 +34,6 @@ minutes of compiling; `--build` is there for a machine that wants it (DeepSpeed'
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import os
 import signal
@@ -228,7 +227,7 @@ def build(name: str) -> Path:
     lock, out = folder / "lock", folder / LOG_NAME
     limit = _timeout()
     deadline = time.monotonic() + limit
-    again = f"{sys.executable} -m components.train.opbuild --build {name}"
+    again = f"{sys.executable} -m pipelines.cli ops --build {name}"
     with _flock(folder / FLOCK_NAME, deadline, name):
         # under our flock only a program other than distillery can be building here
         while clear_stale(lock, name) in ("held", "unknown"):  # a live build: wait for it, within the limit
@@ -241,7 +240,7 @@ def build(name: str) -> Path:
                     f"if no build of it is running, remove it (rm {lock}) and run again")
             time.sleep(1.0)
         with open(out, "w") as logf:
-            child = subprocess.Popen([sys.executable, "-m", "components.train.opbuild", "--compile", name],
+            child = subprocess.Popen([sys.executable, "-m", "components.train.opbuild", name],
                                      stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
                                      cwd=Path(__file__).resolve().parents[2])
             try:
@@ -284,29 +283,18 @@ def _compile(name: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m components.train.opbuild", description=__doc__.split("\n")[0])
-    ap.add_argument("--build", metavar="OP", help=f"build an op now ({', '.join(BUILDERS)})")
-    ap.add_argument("--compile", metavar="OP", help=argparse.SUPPRESS)  # build's child
-    args = ap.parse_args(argv)
-    if args.compile:
-        return _compile(args.compile)
-    try:
-        if args.build:
-            print(f"built {args.build} in {build(args.build)}")
-            return 0
-        for name in BUILDERS:
-            lock = build_dir(name) / "lock"
-            state = clear_stale(lock, name) if lock.exists() else "gone"
-            if state == "held":
-                print(f"{lock}: a build in progress (pid {', '.join(map(str, holders(lock)[0]))})")
-            elif state == "unknown":
-                print(f"{lock}: another user's; if no build of {name} is running, remove it: rm {lock}")
-    except OpBuildError as err:
-        print(f"opbuild: {err}", file=sys.stderr)
-        return 1
-    return 0
+def report() -> list[str]:
+    """Clear dead builds' locks (one warning each) and say which builds are live: `distillery ops`."""
+    lines = []
+    for name in BUILDERS:
+        lock = build_dir(name) / "lock"
+        state = clear_stale(lock, name) if lock.exists() else "gone"
+        if state == "held":
+            lines.append(f"{lock}: a build in progress (pid {', '.join(map(str, holders(lock)[0]))})")
+        elif state == "unknown":
+            lines.append(f"{lock}: another user's; if no build of {name} is running, remove it: rm {lock}")
+    return lines
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the child of `build`: python -m components.train.opbuild OP
+    sys.exit(_compile(sys.argv[1]))

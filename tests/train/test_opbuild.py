@@ -36,7 +36,7 @@ def _env(ext: Path, **extra: str) -> dict[str, str]:
 
 
 def _opbuild(ext: Path, *args: str, timeout: float = 120, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "components.train.opbuild", *args], env=_env(ext, **extra),
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", "ops", *args], env=_env(ext, **extra),
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -97,8 +97,8 @@ def test_a_failed_build_is_one_line_naming_the_compilers_output(tmp_path):
     log = tmp_path / "ext" / OP / opbuild.LOG_NAME
     assert out.returncode == 1
     assert out.stderr.splitlines() == [
-        f"opbuild: DeepSpeed's {OP} op failed to build (exit status 1); the compiler's output is in {log}; "
-        f"fix what it says, then run `{sys.executable} -m components.train.opbuild --build {OP}`"]
+        f"distillery: DeepSpeed's {OP} op failed to build (exit status 1); the compiler's output is in {log}; "
+        f"fix what it says, then run `{sys.executable} -m pipelines.cli ops --build {OP}`"]
     assert "error: this compiler refuses" in log.read_text()
     assert not (tmp_path / "ext" / OP / "lock").exists()
 
@@ -111,8 +111,8 @@ def test_a_stuck_build_is_stopped_within_the_limit_in_one_line(tmp_path):
     log = tmp_path / "ext" / OP / opbuild.LOG_NAME
     assert out.returncode == 1
     assert out.stderr.splitlines() == [
-        f"opbuild: DeepSpeed's {OP} op did not finish building in 6 s (stopped; its output is in {log}); build it "
-        f"alone with `{sys.executable} -m components.train.opbuild --build {OP}` "
+        f"distillery: DeepSpeed's {OP} op did not finish building in 6 s (stopped; its output is in {log}); build it "
+        f"alone with `{sys.executable} -m pipelines.cli ops --build {OP}` "
         f"($DISTILLERY_OP_BUILD_TIMEOUT sets the limit)"]
     assert not (tmp_path / "ext" / OP / "lock").exists()  # the next start does not wait on it
     left = subprocess.run(["pgrep", "-f", cxx], capture_output=True, text=True).stdout  # ninja's compilers too
@@ -124,7 +124,7 @@ def test_a_foreign_build_that_never_ends_is_one_line_naming_its_process(tmp_path
     out = _opbuild(tmp_path / "ext", "--build", OP, DISTILLERY_OP_BUILD_TIMEOUT="3")
     assert out.returncode == 1
     assert out.stderr.splitlines() == [
-        f"opbuild: {lock}: process {proc.pid} has held DeepSpeed's {OP} build lock for over 3 s; "
+        f"distillery: {lock}: process {proc.pid} has held DeepSpeed's {OP} build lock for over 3 s; "
         f"stop it (kill {proc.pid}) or remove the lock (rm {lock}) and run again"]
     assert lock.exists() and proc.poll() is None  # a live build is never broken into
 
