@@ -71,7 +71,8 @@ class OptimizerConfig:
         require(self.eval_every >= 0 and self.eval_batches >= 1, "eval_every >= 0 and eval_batches >= 1")
 
     def batch_shape(self) -> tuple[int, int]:
-        """(micro_batch, grad_accum) of one optimizer step, per process."""
+        """(sequences per micro-batch, micro-batches per step) of one process: the stage's
+        micro_batch and grad_accum fields (ReinforceConfig has none: one micro-batch per group)."""
         return self.micro_batch, self.grad_accum  # type: ignore[attr-defined]
 
     def train_config(self) -> TrainConfig:
