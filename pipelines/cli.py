@@ -442,8 +442,8 @@ def cmd_ops(args: argparse.Namespace) -> None:
     if args.build:
         print(f"ops: built {args.build} in {opbuild.build(args.build)}")
         return
-    for line in opbuild.report():
-        print(line)
+    lines = opbuild.report()
+    print("\n".join(lines) if lines else f"ops: no build in progress ({', '.join(opbuild.BUILDERS)})")
 
 
 def cmd_params(args: argparse.Namespace) -> None:
