@@ -19,8 +19,9 @@ newest checkpoint: batch k depends only on (seed, k), the RNG states travel in t
 so a run killed at any moment and resumed logs the same per-step losses and ends with the same
 parameters as one that never stopped. `metrics.jsonl` is cut back to the resumed step.
 
-Outputs: checkpoints/, metrics.jsonl (step, loss, lr, tokens/s, val_loss), loss.png, and model/
-(model.safetensors, model.json, the tokenizer), written whole at the end.
+Outputs: checkpoints/, metrics.jsonl (step, loss, lr, tokens/s, val_loss), loss.png and plots/
+(drawn from it by components/train/metrics.py), and model/ (model.safetensors, model.json, the
+tokenizer), written whole at the end.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from components.artifacts import atomic_dir
 from components.config import ConfigError
 from components.console import Progress, log
 from components.model import ModelConfig, Transformer, lora
-from components.train import checkpoint, opbuild
+from components.train import checkpoint, metrics, opbuild
 from components.train.batches import Batch
 from components.train.config import TrainConfig
 from components.train.precision import resolve as resolve_precision
@@ -356,14 +357,6 @@ def check_resumable(path: Path, run_id: dict[str, Any], world: int) -> None:
                           f"was trained on; resume on the same data, or start afresh (--fresh, or another --out)")
 
 
-def _cut_metrics(path: Path, step: int) -> None:
-    """Keep the lines of steps up to `step` (what the resumed checkpoint had seen)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-
-
 def train(model_cfg: ModelConfig, cfg: TrainConfig, objective: Objective, val_batches: Batches | None,
           tokenizer: Any, out_dir: str | os.PathLike, progress: bool = True,
           init: dict[str, torch.Tensor] | None = None, freeze: Callable[[Transformer], None] | None = None,
@@ -390,7 +383,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, objective: Objective, val_ba
             log.info("train: resuming from %s (step %d of %d)", resume_from, start, cfg.steps)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
-        _cut_metrics(metrics_path, start)
+        metrics.cut(metrics_path, start)
     metrics_file = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
     bar = Progress(cfg.steps, stage_name(stage), "step", initial=start, enabled=progress and rank == 0)
     val_loss = None
@@ -420,7 +413,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, objective: Objective, val_ba
         bar.close()
         if metrics_file:
             metrics_file.close()
-    summary = summarize(metrics_path, run.num_params(), val_loss)
+    summary = metrics.summarize(metrics_path, run.num_params(), val_loss)
     state = run.weights(out / "checkpoints")
     if lora.lora_modules(run.model):
         if rank == 0:
@@ -430,8 +423,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, objective: Objective, val_ba
         state = lora.merged_state(run.model, state)
     if rank == 0:
         export(out / "model", state, model_cfg, tokenizer, stage)
-        plot_losses(metrics_path, out / "loss.png")
-        plot_data(metrics_path, out / "plots")
+        metrics.plot_losses(metrics_path, out / "loss.png")
+        metrics.plot_data(metrics_path, out / "plots")
     return summary
 
 
@@ -483,16 +476,6 @@ def balance_experts(model: Transformer, local: set[int] | None = None) -> None:
     model.update_router_bias()
 
 
-def summarize(metrics_path: Path, params: int, val_loss: float | None) -> dict[str, Any]:
-    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
-    tail = rows[-10:]
-    if val_loss is None:  # resumed after the last evaluation (or at the end): the logged one
-        val_loss = next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None)
-    return {"steps": rows[-1]["step"] if rows else 0, "final_loss": sum(r["loss"] for r in tail) / len(tail),
-            "val_loss": val_loss, "params": params,
-            "tokens_per_s": sum(r["tokens_per_s"] for r in tail) / len(tail)}
-
-
 def export(folder: Path, state: dict[str, torch.Tensor], model_cfg: ModelConfig, tokenizer: Any,
            stage: dict[str, Any] | None = None) -> None:
     """The model folder (components/model/folder.py) with the stage's manifest, whole or not at all."""
@@ -502,43 +485,3 @@ def export(folder: Path, state: dict[str, torch.Tensor], model_cfg: ModelConfig,
         fp32 = save_model(tmp, state, model_cfg, tokenizer)
         (tmp / "manifest.json").write_text(json.dumps({"step": "train", "params": fp32.num_params(),
                                                        "stage": stage or {"name": "base"}}) + "\n")
-
-
-def plot_data(metrics_path: Path, folder: Path) -> None:
-    """The training curves as data files that `dvc plots show` / `dvc plots diff` draw and compare
-    across runs (dvc.yaml's `plots:`): train.csv (every step: loss, lr, tokens/s and the stage's
-    own numbers, such as GRPO's reward) and val.csv (the steps with a validation loss)."""
-    import csv
-
-    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
-    folder.mkdir(parents=True, exist_ok=True)
-    keys = [k for k in dict.fromkeys(k for r in rows for k in r)
-            if k != "val_loss" and all(isinstance(r.get(k, 0.0), (int, float)) for r in rows)]
-    for name, cols, chosen in (("train.csv", keys, rows),
-                               ("val.csv", ["step", "val_loss"], [r for r in rows if "val_loss" in r])):
-        with open(folder / name, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, cols, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({k: (int(v) if isinstance(v, bool) else v) for k, v in r.items()} for r in chosen)
-
-
-def plot_losses(metrics_path: Path, png: Path) -> None:
-    """loss.png: training loss per step, validation loss where measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
-    val = [r for r in rows if "val_loss" in r]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
